@@ -1,0 +1,159 @@
+"""Fixtures: a share directory, and a real vfsnap mount of it run in a subprocess.
+
+The daemon never runs in the test's own thread: the kernel would wait for the daemon while the
+daemon waits for the test. Teardown always unmounts (`fusermount3 -u`, `-z` as a last resort),
+and a mount whose log shows an unexpected error fails the test that used it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FUSERMOUNT = shutil.which("fusermount3") or shutil.which("fusermount")
+
+
+def fuse_usable() -> bool:
+    return os.path.exists("/dev/fuse") and FUSERMOUNT is not None
+
+
+requires_fuse = pytest.mark.skipif(not fuse_usable(), reason="needs /dev/fuse and fusermount3")
+
+
+def unmount(mountpoint: Path | str, *, lazy: bool = False) -> bool:
+    args = [FUSERMOUNT, "-u", "-q"] + (["-z"] if lazy else []) + [str(mountpoint)]
+    return subprocess.run(args, capture_output=True).returncode == 0
+
+
+class Mount:
+    """A running `vfsnap mount -f` and its mountpoint."""
+
+    def __init__(self, share: Path | list[Path], mountpoint: Path, options: str = "", log_path: Path | None = None,
+                 spec: str | None = None):
+        self.shares = share if isinstance(share, list) else [share]
+        self.spec = spec or str(self.shares[0])
+        self.path = mountpoint
+        self.options = options
+        self.log_path = log_path or mountpoint.parent / f"{mountpoint.name}.log"
+        self.process: subprocess.Popen | None = None
+        self.allowed_log_errors: list[str] = []
+
+    # Paths in the tree.
+    def volume(self, name: str) -> Path:
+        return self.path / "volumes" / name
+
+    def snapshot_dir(self, volume: str, snap: str | None = None) -> Path:
+        base = self.path / "snapshots" / volume
+        return base if snap is None else base / snap
+
+    def snapshot(self, volume: str, snap: str) -> Path:
+        return self.path / "snapshots" / volume / snap / volume
+
+    def start(self, timeout: float = 20.0) -> "Mount":
+        self.path.mkdir(parents=True, exist_ok=True)
+        args = [sys.executable, "-m", "vfsnap", "mount", "-f"]
+        opts = ",".join(o for o in ("log_level=debug" if os.environ.get("VFSNAP_TEST_DEBUG") else "", self.options) if o)
+        if opts:
+            args += ["-o", opts]
+        args += [self.spec, str(self.path)]
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
+        deadline = time.monotonic() + timeout
+        while not os.path.ismount(self.path):
+            if self.process.poll() is not None:
+                raise RuntimeError(f"vfsnap mount exited with {self.process.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"vfsnap mount did not appear within {timeout} s:\n{self.log()}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if self.process is None:
+            return None
+        if os.path.ismount(self.path):
+            unmount(self.path)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            unmount(self.path, lazy=True)
+            self.process.kill()
+            self.process.wait(10)
+        if os.path.ismount(self.path):
+            unmount(self.path, lazy=True)
+        self._log.close()
+        code = self.process.returncode
+        self.process = None
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL the daemon (a crash), then clean up the dead mount."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(10)
+        unmount(self.path, lazy=True)
+        self._log.close()
+        self.process = None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def unexpected_errors(self) -> list[str]:
+        bad = []
+        for line in self.log().splitlines():
+            if "Traceback" in line or "unexpected error" in line or " CRITICAL " in line:
+                if not any(allowed in line for allowed in self.allowed_log_errors):
+                    bad.append(line)
+        return bad
+
+
+@pytest.fixture
+def share(tmp_path: Path) -> Path:
+    path = tmp_path / "share"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def mountpoint(tmp_path: Path) -> Path:
+    path = tmp_path / "mnt"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def vfsnap_mount(share: Path, mountpoint: Path, request):
+    """A factory: `vfsnap_mount(options="")` mounts `share` and returns the Mount.
+
+    Every mount made through it is stopped at teardown, and its log checked for tracebacks.
+    """
+    mounts: list[Mount] = []
+
+    def start(options: str = "", *, path: Path | None = None, share_path: Path | list[Path] | None = None,
+              spec: str | None = None) -> Mount:
+        mnt = Mount(share_path or share, path or mountpoint, options, spec=spec)
+        mounts.append(mnt)
+        return mnt.start()
+
+    yield start
+    errors = []
+    for mnt in mounts:
+        mnt.stop()
+        errors += mnt.unexpected_errors()
+    if errors and not request.node.get_closest_marker("allow_daemon_errors"):
+        pytest.fail("vfsnap logged unexpected errors:\n" + "\n".join(errors[:20]))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "allow_daemon_errors: the test provokes daemon-side errors on purpose")

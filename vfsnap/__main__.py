@@ -1,0 +1,3 @@
+from vfsnap.cli.main import main
+
+raise SystemExit(main())

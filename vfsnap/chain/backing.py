@@ -1,0 +1,82 @@
+"""Backing chains: which images a view reads, bottom to top, and the rules they must obey.
+
+DESIGN.md invariants 4 and 5: an image's format comes from the overlay's backing-format field
+or from vfsnap's record of the volume's base, never from probing; backing names are plain names
+of the same volume's chain in the same directory (no paths, no other volumes), loops and chains
+deeper than the configured limit are refused.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import attrs
+
+from vfsnap.errors import CorruptImage
+from vfsnap.format import Image, Qcow2Image
+from vfsnap.names import is_snapshot_name
+
+DEFAULT_MAX_DEPTH = 128
+
+
+@attrs.frozen
+class ChainRules:
+    """What a chain of volume `volume` may contain."""
+
+    volume: str
+    base_format: str
+    max_depth: int = DEFAULT_MAX_DEPTH
+
+    def belongs(self, file_name: str) -> bool:
+        """True for `<vol>` and `<vol>.<snap>` with a valid snapshot name."""
+        if file_name == self.volume:
+            return True
+        prefix = self.volume + "."
+        return file_name.startswith(prefix) and is_snapshot_name(file_name[len(prefix) :])
+
+    def format_of(self, file_name: str, declared: str | None, *, referrer: str) -> str:
+        """The format of a chain member, from the referrer's backing-format field and our record."""
+        expected = self.base_format if file_name == self.volume else "qcow2"
+        if declared is not None and declared != expected:
+            raise CorruptImage(
+                f"{referrer}: backing file {file_name!r} declared as {declared!r}, "
+                f"but vfsnap records it as {expected!r}"
+            )
+        return expected
+
+
+def backing_chain(
+    top_name: str,
+    top_format: str,
+    rules: ChainRules,
+    open_member: Callable[[str, str], Image],
+) -> list[Image]:
+    """Open the chain that ends at `top_name`, bottom first.
+
+    `open_member(name, format)` opens (or returns an already open) member of the volume; it must
+    refuse symlinks and non-regular files.
+    """
+    if not rules.belongs(top_name):
+        raise CorruptImage(f"{top_name!r} is not a file of volume {rules.volume!r}")
+    images = [open_member(top_name, top_format)]
+    seen = {top_name}
+    while True:
+        image = images[-1]
+        if not isinstance(image, Qcow2Image) or image.backing_file is None:
+            break
+        backing = image.backing_file
+        if image.name == rules.volume:
+            raise CorruptImage(f"{image.name}: the base of a volume may not have a backing file ({backing!r})")
+        if "/" in backing or backing in (".", "..") or not rules.belongs(backing):
+            raise CorruptImage(
+                f"{image.name}: backing file {backing!r} is not a file of volume {rules.volume!r} in its directory"
+            )
+        if backing in seen:
+            raise CorruptImage(f"{image.name}: backing file {backing!r} creates a loop")
+        if len(images) > rules.max_depth:
+            raise CorruptImage(f"{top_name}: backing chain deeper than {rules.max_depth}")
+        seen.add(backing)
+        fmt = rules.format_of(backing, image.backing_format, referrer=image.name)
+        images.append(open_member(backing, fmt))
+    images.reverse()
+    return images

@@ -1,0 +1,153 @@
+"""`vfsnap mount`: open the shares, mount the tree, serve until unmounted or signalled."""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+
+import pyfuse3
+import trio
+
+from vfsnap.cli.main import EXIT_MOUNT_FAILED, EXIT_OK, QuietError
+from vfsnap.errors import VfsnapError
+from vfsnap.fs.operations import VfsnapOperations
+from vfsnap.options import MountOptions, parse_options
+from vfsnap.share.pool import Pool
+
+log = logging.getLogger("vfsnap")
+
+
+def setup_logging(options: MountOptions) -> None:
+    level = getattr(logging, options.log_level.upper(), logging.INFO)
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(level)
+    fmt = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
+    if options.log_file:
+        handler: logging.Handler = logging.FileHandler(options.log_file)
+    elif options.foreground:
+        handler = logging.StreamHandler(sys.stderr)
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler("/dev/log")
+        fmt = "vfsnap[%(process)d]: %(levelname)s %(name)s: %(message)s"
+    else:
+        handler = logging.NullHandler()
+    handler.setFormatter(logging.Formatter(fmt))
+    root.addHandler(handler)
+    # pyfuse3 logs every failed reply at ERROR; keep its debug chatter out of ours.
+    logging.getLogger("pyfuse3").setLevel(max(level, logging.INFO))
+
+
+def resolve_shares(spec: str, options: MountOptions) -> list[str]:
+    """Local directories for the share spec (network shares are mounted by `vfsnap.share.remote`)."""
+    if options.shares_config or options.share_type != "local" or (":" in spec and not os.path.isdir(spec)):
+        from vfsnap.share.remote import mount_shares
+
+        return mount_shares(spec, options)
+    if not os.path.isdir(spec):
+        raise QuietError(f"share {spec} is not a directory", EXIT_MOUNT_FAILED)
+    return [os.path.realpath(spec)]
+
+
+def check_mountpoint(mountpoint: str, shares: list[str]) -> str:
+    real = os.path.realpath(mountpoint)
+    if not os.path.isdir(real):
+        raise QuietError(f"mountpoint {mountpoint} is not a directory", EXIT_MOUNT_FAILED)
+    if os.path.ismount(real) and _is_vfsnap_mount(real):
+        raise QuietError(f"{mountpoint} is already a vfsnap mount", EXIT_MOUNT_FAILED)
+    for share in shares:
+        if real == share or real.startswith(share + os.sep) or share.startswith(real + os.sep):
+            raise QuietError(f"mountpoint {mountpoint} and share {share} contain each other", EXIT_MOUNT_FAILED)
+    return real
+
+
+def _is_vfsnap_mount(path: str) -> bool:
+    try:
+        with open("/proc/mounts") as mounts:
+            return any(line.split()[1] == path and line.split()[2] == "fuse.vfsnap" for line in mounts)
+    except OSError:
+        return False
+
+
+def fuse_options(spec: str, options: MountOptions) -> set[str]:
+    opts = set(pyfuse3.default_options)
+    opts.add(f"fsname={spec}")
+    opts.add("subtype=vfsnap")
+    opts |= options.fuse_options
+    if options.read_only:
+        opts.add("ro")
+    return opts
+
+
+def mount(spec: str, mountpoint: str, option_text: str, *, foreground: bool) -> int:
+    try:
+        options = parse_options(option_text, foreground=foreground)
+    except VfsnapError as exc:
+        raise QuietError(str(exc), EXIT_MOUNT_FAILED) from None
+    setup_logging(options)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    shares = resolve_shares(spec, options)
+    real_mountpoint = check_mountpoint(mountpoint, shares)
+    try:
+        pool = Pool.open(shares, options)
+    except VfsnapError as exc:
+        raise QuietError(f"cannot open share: {exc}", EXIT_MOUNT_FAILED) from None
+    operations = VfsnapOperations(pool)
+    try:
+        pyfuse3.init(operations, real_mountpoint, fuse_options(spec, options))
+    except RuntimeError as exc:
+        pool.close()
+        raise QuietError(f"cannot mount {mountpoint}: {exc}", EXIT_MOUNT_FAILED) from None
+    log.info("mounted %s on %s (%s)", spec, real_mountpoint, ", ".join(shares))
+    if not foreground:
+        _daemonize()
+    stopped_by_signal = False
+    try:
+        stopped_by_signal = trio.run(serve, operations, options)
+    finally:
+        operations.destroy()
+        still_mounted = stopped_by_signal or os.path.ismount(real_mountpoint)
+        pyfuse3.close(unmount=still_mounted)
+        log.info("unmounted %s", real_mountpoint)
+    return EXIT_OK
+
+
+async def serve(operations: VfsnapOperations, options: MountOptions) -> bool:
+    """Run the FUSE loop and vfsnap's background tasks; True when stopped by a signal."""
+    stopped = False
+
+    async def watch_signals(cancel_scope: trio.CancelScope) -> None:
+        nonlocal stopped
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            async for signum in signals:
+                log.info("received %s; unmounting", signal.Signals(signum).name)
+                stopped = True
+                pyfuse3.terminate()
+                return
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch_signals, nursery.cancel_scope)
+        background = getattr(operations, "background_tasks", None)
+        if background is not None:
+            nursery.start_soon(background)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+    return stopped
+
+
+def _daemonize() -> None:
+    """Detach after the mount exists, so mount errors still reached the terminal."""
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    os.chdir("/")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)

@@ -1,0 +1,63 @@
+"""Domain errors: each carries the errno the FUSE layer answers with.
+
+Every layer raises these; `vfsnap.fs` turns them into `pyfuse3.FUSEError` in exactly one
+place, and turns anything else into EIO after logging it (an unexpected exception escaping a
+pyfuse3 handler would abort the whole mount).
+"""
+
+import errno as errno_codes
+
+
+class VfsnapError(Exception):
+    """A failure the user should see, with the errno the kernel returns for it."""
+
+    errno = errno_codes.EIO
+
+    def __init__(self, message: str, *, errno: int | None = None):
+        super().__init__(message)
+        if errno is not None:
+            self.errno = errno
+
+
+class CorruptImage(VfsnapError):
+    """An image's metadata breaks the qcow2 specification or vfsnap's chain rules."""
+
+    errno = errno_codes.EIO
+
+
+class UnsupportedImage(VfsnapError):
+    """A valid image using a feature vfsnap cannot serve (encryption, external data file)."""
+
+    errno = errno_codes.EIO
+
+
+class InvalidName(VfsnapError):
+    errno = errno_codes.EINVAL
+
+
+class NameTooLong(VfsnapError):
+    errno = errno_codes.ENAMETOOLONG
+
+
+class NotFound(VfsnapError):
+    errno = errno_codes.ENOENT
+
+
+class AlreadyExists(VfsnapError):
+    errno = errno_codes.EEXIST
+
+
+class Busy(VfsnapError):
+    errno = errno_codes.EBUSY
+
+
+class ReadOnly(VfsnapError):
+    errno = errno_codes.EROFS
+
+
+class NotPermitted(VfsnapError):
+    errno = errno_codes.EPERM
+
+
+class NoSpace(VfsnapError):
+    errno = errno_codes.ENOSPC

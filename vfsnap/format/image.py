@@ -1,0 +1,94 @@
+"""What every image format offers the chain layer: a virtual size and a map of guest ranges.
+
+An image answers `map_range(start, end)` with extents `(start, end, kind, where)`:
+
+- `DATA`: the bytes live in this image's file at byte offset `where` (contiguous for the extent);
+- `ZERO`: the range reads as zeros and nothing below it is read;
+- `UNALLOCATED`: this image does not hold the range; the backing image answers for it;
+- `COMPRESSED`: one whole cluster, `where` is a `CompressedCluster` for `read_compressed`.
+
+The chain layer combines the maps of a backing chain into one resolved view and does the I/O.
+"""
+
+from __future__ import annotations
+
+import os
+
+import attrs
+
+DATA = 0
+ZERO = 1
+UNALLOCATED = 2
+COMPRESSED = 3
+
+KIND_NAMES = {DATA: "data", ZERO: "zero", UNALLOCATED: "unallocated", COMPRESSED: "compressed"}
+
+
+@attrs.frozen
+class CompressedCluster:
+    """A compressed cluster: where its bytes lie and which cluster of the image it decodes to."""
+
+    image: "Image" = attrs.field(eq=False, repr=False)
+    host_offset: int
+    length: int
+    guest_cluster: int
+
+
+class Image:
+    """Base class of raw and qcow2 images opened on a file descriptor."""
+
+    format: str = ""
+
+    def __init__(self, fd: int, name: str, *, writable: bool):
+        self.fd = fd
+        self.name = name
+        self.writable = writable
+        self.closed = False
+
+    @property
+    def size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def granularity(self) -> int:
+        """The smallest unit in which this image's map can change (bytes)."""
+        raise NotImplementedError
+
+    def map_range(self, start: int, end: int) -> list[tuple[int, int, int, object]]:
+        raise NotImplementedError
+
+    def read_compressed(self, cluster: CompressedCluster) -> bytes:
+        raise NotImplementedError
+
+    def allocated_bytes(self) -> int:
+        """Bytes of the share this image occupies (its file's allocated blocks)."""
+        return os.fstat(self.fd).st_blocks * 512
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            os.close(self.fd)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} size={self.size}>"
+
+
+def pread_full(fd: int, size: int, offset: int) -> bytes:
+    """pread that retries short reads and zero-fills past the end of the file.
+
+    Reading past the physical end of an image is legal (sparse tails, clusters allocated by
+    `preallocation=metadata`) and reads as zeros.
+    """
+    data = os.pread(fd, size, offset)
+    if len(data) == size:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < size:
+        more = os.pread(fd, size - got, offset + got)
+        if not more:
+            parts.append(bytes(size - got))
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)

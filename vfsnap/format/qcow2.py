@@ -1,0 +1,291 @@
+"""qcow2 images: the L1/L2 mapping of guest clusters (docs/interop/qcow2.rst "Cluster mapping").
+
+Reading needs no refcounts: the header, the L1 table (loaded once) and L2 tables (through the
+mount's shared `TableCache`) tell for every guest cluster whether it is data in this file, zeros,
+compressed, or left to the backing file. Entries that break the rules (unaligned, beyond the end
+of the file, pointing into the image's own metadata, subclusters both allocated and zero) become
+`BAD` extents: a read touching one fails with EIO, the rest of the image stays readable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from array import array
+
+from vfsnap.errors import CorruptImage
+from vfsnap.format.cache import TableCache
+from vfsnap.format.compression import decompress_cluster
+from vfsnap.format.header import Qcow2Header, read_header
+from vfsnap.format.image import COMPRESSED, DATA, UNALLOCATED, ZERO, CompressedCluster, Image, pread_full
+
+log = logging.getLogger(__name__)
+
+BAD = 4  # extent kind: `where` is the CorruptImage to raise when the range is read
+
+OFFSET_MASK = 0x00FFFFFFFFFFFE00  # bits 9-55 of L1 and standard L2 entries
+OFLAG_COPIED = 1 << 63
+OFLAG_COMPRESSED = 1 << 62
+OFLAG_ZERO = 1
+SUBCLUSTERS = 32
+
+_SWAP = sys.byteorder == "little"
+
+
+def table_from_bytes(data: bytes) -> array:
+    """Big-endian u64 entries as an array of native ints."""
+    table = array("Q")
+    table.frombytes(data)
+    if _SWAP:
+        table.byteswap()
+    return table
+
+
+def table_to_bytes(table: array) -> bytes:
+    if _SWAP:
+        swapped = array("Q", table)
+        swapped.byteswap()
+        return swapped.tobytes()
+    return table.tobytes()
+
+
+class Qcow2Image(Image):
+    format = "qcow2"
+
+    def __init__(self, fd: int, name: str, *, writable: bool, table_cache: TableCache):
+        super().__init__(fd, name, writable=writable)
+        self.file_size = os.fstat(fd).st_size
+        self.header: Qcow2Header = read_header(fd, self.file_size, name=name)
+        h = self.header
+        self.cluster_bits = h.cluster_bits
+        self.cluster_size = h.cluster_size
+        self.l2_bits = h.l2_bits
+        self.l2_entries = 1 << h.l2_bits
+        self.extended_l2 = h.extended_l2
+        self.subcluster_size = self.cluster_size // SUBCLUSTERS if self.extended_l2 else self.cluster_size
+        self._cache = table_cache
+        self._cache_owner = table_cache.new_owner()
+        self.l1 = self._load_l1()
+        self._metadata_clusters = self._find_metadata_clusters()
+        self._last_compressed: tuple[int, bytes] | None = None
+
+    # -- opening --------------------------------------------------------------------------
+
+    def _load_l1(self) -> array:
+        h = self.header
+        if not h.l1_size:
+            return array("Q")
+        data = pread_full(self.fd, h.l1_size * 8, h.l1_table_offset)
+        return table_from_bytes(data)
+
+    def _find_metadata_clusters(self) -> set[int]:
+        """Clusters holding this image's own metadata, which no data entry may point into."""
+        h = self.header
+        cb = self.cluster_bits
+        clusters = {0}
+        clusters.update(_cluster_span(h.l1_table_offset, h.l1_size * 8, cb))
+        clusters.update(_cluster_span(h.refcount_table_offset, h.refcount_table_clusters << cb, cb))
+        if h.refcount_table_clusters:
+            reftable = table_from_bytes(
+                pread_full(self.fd, h.refcount_table_clusters << cb, h.refcount_table_offset)
+            )
+            clusters.update((e & OFFSET_MASK) >> cb for e in reftable if e & OFFSET_MASK)
+        clusters.update((e & OFFSET_MASK) >> cb for e in self.l1 if e & OFFSET_MASK)
+        return clusters
+
+    # -- Image interface ------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self.header.size
+
+    @property
+    def granularity(self) -> int:
+        return self.subcluster_size
+
+    @property
+    def backing_file(self) -> str | None:
+        return self.header.backing_file
+
+    @property
+    def backing_format(self) -> str | None:
+        return self.header.backing_format
+
+    def close(self) -> None:
+        self._cache.discard_owner(self._cache_owner)
+        super().close()
+
+    # -- L2 tables ------------------------------------------------------------------------
+
+    def _l2_table(self, l1_index: int) -> array | None:
+        """The L2 table for `l1_index`, or None when the L1 entry is unallocated."""
+        if l1_index >= len(self.l1):
+            raise CorruptImage(f"{self.name}: guest cluster beyond the L1 table (index {l1_index})")
+        l2_offset = self.l1[l1_index] & OFFSET_MASK
+        if not l2_offset:
+            return None
+        table = self._cache.get(self._cache_owner, l2_offset)
+        if table is None:
+            table = self._load_l2(l2_offset, l1_index)
+        return table
+
+    def _load_l2(self, l2_offset: int, l1_index: int) -> array:
+        cs = self.cluster_size
+        if l2_offset % cs or l2_offset + cs > self.file_size or l2_offset < cs:
+            raise CorruptImage(
+                f"{self.name}: L1 entry {l1_index} names an L2 table at {l2_offset:#x}, "
+                f"which is unaligned, in the header or beyond the end of the file ({self.file_size:#x})"
+            )
+        table = table_from_bytes(pread_full(self.fd, cs, l2_offset))
+        self._cache.put(self._cache_owner, l2_offset, table, cs)
+        return table
+
+    # -- mapping --------------------------------------------------------------------------
+
+    def map_range(self, start: int, end: int) -> list[tuple[int, int, int, object]]:
+        """Extents covering [start, end) of the guest; `end` must not exceed the virtual size."""
+        out: list[tuple[int, int, int, object]] = []
+        cb = self.cluster_bits
+        table_shift = cb + self.l2_bits
+        pos = start
+        while pos < end:
+            l1_index = pos >> table_shift
+            span_end = min(end, (l1_index + 1) << table_shift)
+            try:
+                table = self._l2_table(l1_index)
+            except CorruptImage as exc:
+                _append(out, pos, span_end, BAD, exc)
+                pos = span_end
+                continue
+            if table is None:
+                _append(out, pos, span_end, UNALLOCATED, 0)
+            elif self.extended_l2:
+                self._map_extended(table, pos, span_end, out)
+            else:
+                self._map_standard(table, pos, span_end, out)
+            pos = span_end
+        return out
+
+    def _map_standard(self, table: array, pos: int, end: int, out: list) -> None:
+        cb = self.cluster_bits
+        mask = self.l2_entries - 1
+        while pos < end:
+            cluster = pos >> cb
+            cluster_start = cluster << cb
+            cluster_end = min(end, cluster_start + self.cluster_size)
+            entry = table[cluster & mask]
+            if entry & OFLAG_COMPRESSED:
+                _append(out, pos, cluster_end, *self._compressed_extent(entry, cluster))
+            elif entry & OFLAG_ZERO:
+                _append(out, pos, cluster_end, ZERO, 0)
+            else:
+                host = entry & OFFSET_MASK
+                if not host:
+                    _append(out, pos, cluster_end, UNALLOCATED, 0)
+                else:
+                    problem = self._check_data_cluster(host, cluster_start)
+                    if problem is None:
+                        _append(out, pos, cluster_end, DATA, host + (pos - cluster_start))
+                    else:
+                        _append(out, pos, cluster_end, BAD, problem)
+            pos = cluster_end
+
+    def _map_extended(self, table: array, pos: int, end: int, out: list) -> None:
+        cb = self.cluster_bits
+        mask = self.l2_entries - 1
+        sc_size = self.subcluster_size
+        while pos < end:
+            cluster = pos >> cb
+            cluster_start = cluster << cb
+            cluster_end = min(end, cluster_start + self.cluster_size)
+            index = (cluster & mask) * 2
+            entry, bitmap = table[index], table[index + 1]
+            if entry & OFLAG_COMPRESSED:
+                _append(out, pos, cluster_end, *self._compressed_extent(entry, cluster))
+                pos = cluster_end
+                continue
+            host = entry & OFFSET_MASK
+            alloc, zero = bitmap & 0xFFFFFFFF, bitmap >> 32
+            problem = None
+            if alloc & zero:
+                problem = CorruptImage(
+                    f"{self.name}: subclusters of guest offset {cluster_start:#x} are both allocated and zero"
+                )
+            elif alloc and not host:
+                problem = CorruptImage(
+                    f"{self.name}: subclusters of guest offset {cluster_start:#x} allocated without a host cluster"
+                )
+            elif alloc:
+                problem = self._check_data_cluster(host, cluster_start)
+            if problem is not None:
+                _append(out, pos, cluster_end, BAD, problem)
+                pos = cluster_end
+                continue
+            while pos < cluster_end:
+                sc = (pos - cluster_start) // sc_size
+                sc_end = min(cluster_end, cluster_start + (sc + 1) * sc_size)
+                bit = 1 << sc
+                if alloc & bit:
+                    _append(out, pos, sc_end, DATA, host + (pos - cluster_start))
+                elif zero & bit:
+                    _append(out, pos, sc_end, ZERO, 0)
+                else:
+                    _append(out, pos, sc_end, UNALLOCATED, 0)
+                pos = sc_end
+
+    def _check_data_cluster(self, host: int, guest: int) -> CorruptImage | None:
+        if host & (self.cluster_size - 1):
+            return CorruptImage(f"{self.name}: data cluster for guest offset {guest:#x} at unaligned {host:#x}")
+        if host >= self.file_size:
+            return CorruptImage(
+                f"{self.name}: data cluster for guest offset {guest:#x} at {host:#x} "
+                f"lies beyond the end of the file ({self.file_size:#x})"
+            )
+        if host >> self.cluster_bits in self._metadata_clusters:
+            return CorruptImage(f"{self.name}: data cluster for guest offset {guest:#x} points into metadata at {host:#x}")
+        return None
+
+    def _compressed_extent(self, entry: int, cluster: int) -> tuple[int, object]:
+        cb = self.cluster_bits
+        offset_bits = 62 - (cb - 8)
+        host = entry & ((1 << offset_bits) - 1)
+        sectors = ((entry >> offset_bits) & ((1 << (cb - 8)) - 1)) + 1
+        length = sectors * 512 - (host & 511)
+        if host >= self.file_size or host < self.cluster_size:
+            return BAD, CorruptImage(
+                f"{self.name}: compressed cluster for guest offset {cluster << cb:#x} at {host:#x} "
+                "lies outside the file's data area"
+            )
+        return COMPRESSED, CompressedCluster(self, host, length, cluster)
+
+    def read_compressed(self, cluster: CompressedCluster) -> bytes:
+        """The decoded bytes of one compressed cluster (the last one is kept for sequential reads)."""
+        last = self._last_compressed
+        if last is not None and last[0] == cluster.host_offset:
+            return last[1]
+        data = os.pread(self.fd, cluster.length, cluster.host_offset)
+        where = f"{self.name}: compressed cluster for guest offset {cluster.guest_cluster << self.cluster_bits:#x}"
+        decoded = decompress_cluster(data, self.cluster_size, self.header.compression_type, where=where)
+        self._last_compressed = (cluster.host_offset, decoded)
+        return decoded
+
+
+def _cluster_span(offset: int, length: int, cluster_bits: int) -> range:
+    if not offset or not length:
+        return range(0)
+    return range(offset >> cluster_bits, ((offset + length - 1) >> cluster_bits) + 1)
+
+
+def _append(out: list, start: int, end: int, kind: int, where: object) -> None:
+    """Append an extent, merging it into the previous one when they continue each other."""
+    if out:
+        p_start, p_end, p_kind, p_where = out[-1]
+        if p_kind == kind and p_end == start:
+            if kind == ZERO or kind == UNALLOCATED:
+                out[-1] = (p_start, end, kind, 0)
+                return
+            if kind == DATA and p_where + (p_end - p_start) == where:
+                out[-1] = (p_start, end, kind, p_where)
+                return
+    out.append((start, end, kind, where))

@@ -1,0 +1,1 @@
+"""The FUSE tree: inodes, handlers and the control file."""

@@ -1,0 +1,83 @@
+"""Extended attributes: `user.vfsnap.*` on volumes and snapshots, and the `.vfsnap` control file.
+
+Tools (`vfsnap status`, `vfsnap sync`, `getfattr -d`) talk to the running daemon through the
+mounted tree itself, as S3QL's control tools do: no side channel to secure or discover.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import json
+
+import pyfuse3
+
+from vfsnap import __version__
+
+PREFIX = "user.vfsnap."
+
+
+def _volume_attributes(pool, key: tuple) -> dict[str, str]:
+    volume = pool.volume(key[1])
+    attrs: dict[str, str] = {"share": volume.share.path, "format": volume.sidecar().base_format}
+    if key[0] == "volume":
+        view = volume.live_view()
+        attrs["active"] = volume.info().active
+    else:
+        view = volume.snapshot_view(key[2])
+        created = volume.snapshot_created(key[2])
+        attrs["created"] = datetime.datetime.fromtimestamp(created, datetime.timezone.utc).isoformat()
+        attrs["overlay"] = volume.info().snapshots[key[2]]
+    attrs["chain"] = " <- ".join(image.name for image in view.images)
+    attrs["allocated"] = str(view.allocated_bytes())
+    attrs["size"] = str(view.size)
+    return attrs
+
+
+def status(pool) -> dict:
+    """What `vfsnap status` prints: every volume, its chain and snapshots, running operations."""
+    volumes = []
+    for name in pool.volume_names():
+        entry: dict = {"name": name}
+        try:
+            volume = pool.volume(name)
+            view = volume.live_view()
+            entry.update(
+                share=volume.share.path,
+                format=volume.sidecar().base_format,
+                size=view.size,
+                allocated=view.allocated_bytes(),
+                depth=len(view.images) - 1,
+                active=volume.info().active,
+                snapshots=volume.snapshots(),
+            )
+        except Exception as exc:  # noqa: BLE001 - one broken volume must not hide the rest
+            entry["error"] = str(exc)
+        volumes.append(entry)
+    operations = getattr(pool, "operations", lambda: [])()
+    return {"version": __version__, "volumes": volumes, "operations": operations}
+
+
+def attribute_names(pool, key: tuple) -> list[str]:
+    if key[0] == "control":
+        return [PREFIX + "status", PREFIX + "version"]
+    if key[0] in ("volume", "snapfile", "snapshot"):
+        return [PREFIX + name for name in _volume_attributes(pool, key)]
+    return []
+
+
+def get_attribute(pool, key: tuple, name: str) -> bytes:
+    if key[0] == "control":
+        if name == PREFIX + "status":
+            return json.dumps(status(pool), indent=1, sort_keys=True).encode()
+        if name == PREFIX + "version":
+            return __version__.encode()
+    elif key[0] in ("volume", "snapfile", "snapshot") and name.startswith(PREFIX):
+        value = _volume_attributes(pool, key).get(name[len(PREFIX) :])
+        if value is not None:
+            return value.encode()
+    raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+
+def set_attribute(pool, key: tuple, name: str, value: bytes) -> None:
+    raise pyfuse3.FUSEError(errno.EPERM)

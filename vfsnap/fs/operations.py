@@ -1,0 +1,464 @@
+"""The FUSE operations: the tree of DESIGN.md section 2 translated into calls on the pool.
+
+Handlers stay thin: they find the node an inode names, call the share/chain layers, and fill in
+attributes. Errors cross into FUSE in one place (`fuse_errors`): a `VfsnapError` becomes its
+errno, anything else is logged and becomes EIO, because any other exception escaping a pyfuse3
+handler would abort the whole mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+
+import pyfuse3
+
+from vfsnap.errors import NotFound, VfsnapError
+from vfsnap.fs import control
+from vfsnap.fs.inodes import CONTROL, ROOT, SNAPSHOTS, VOLUMES, InodeTable
+from vfsnap.names import is_snapshot_name
+from vfsnap.share.pool import Pool
+
+log = logging.getLogger(__name__)
+
+CONTROL_NAME = ".vfsnap"
+LATEST = "latest"
+# Others can change the share (Cinder, another host): keep kernel caches short.
+ENTRY_TIMEOUT = 1.0
+ATTR_TIMEOUT = 1.0
+DIR_MODE = stat.S_IFDIR | 0o755
+RO_BITS = ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
+
+
+def fuse_error(exc: BaseException, where: str) -> pyfuse3.FUSEError:
+    """The one place where exceptions become errnos for the kernel."""
+    if isinstance(exc, pyfuse3.FUSEError):
+        return exc
+    if isinstance(exc, VfsnapError):
+        if exc.errno == errno.EIO:
+            log.error("%s: %s", where, exc)
+        else:
+            log.debug("%s: %s", where, exc)
+        return pyfuse3.FUSEError(exc.errno)
+    if isinstance(exc, OSError) and exc.errno:
+        log.error("%s: %s", where, exc)
+        return pyfuse3.FUSEError(exc.errno)
+    log.exception("%s: unexpected error", where)
+    return pyfuse3.FUSEError(errno.EIO)
+
+
+def handler(func):
+    """Wrap a handler so that only FUSEError leaves it."""
+
+    @functools.wraps(func)
+    async def wrapper(self, *args):
+        try:
+            return await func(self, *args)
+        except Exception as exc:  # noqa: BLE001 - this is the error boundary
+            raise fuse_error(exc, func.__name__) from None
+
+    return wrapper
+
+
+class Handle:
+    __slots__ = ("view", "volume", "key")
+
+    def __init__(self, view, volume, key):
+        self.view = view
+        self.volume = volume
+        self.key = key
+
+
+class VfsnapOperations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, pool: Pool):
+        super().__init__()
+        self.pool = pool
+        self.inodes = InodeTable()
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self._mount_time_ns = time.time_ns()
+
+    # -- attributes -----------------------------------------------------------------------
+
+    def _entry(self, ino: int, key: tuple) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = ino
+        attr.entry_timeout = ENTRY_TIMEOUT
+        attr.attr_timeout = ATTR_TIMEOUT
+        attr.st_blksize = 65536
+        kind = key[0]
+        now = self._mount_time_ns
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = now
+        attr.st_uid = os.getuid()
+        attr.st_gid = os.getgid()
+        if kind in ("root", "volumes", "snapshots", "snapdir", "snapshot"):
+            attr.st_mode = DIR_MODE
+            attr.st_nlink = 2
+            if kind == "snapshot":
+                volume = self.pool.volume(key[1])
+                created_ns = int(volume.snapshot_created(key[2]) * 1e9)
+                attr.st_mtime_ns = attr.st_ctime_ns = attr.st_atime_ns = created_ns
+        elif kind == "control":
+            attr.st_mode = stat.S_IFREG | 0o444
+            attr.st_nlink = 1
+        elif kind == "latest":
+            volume = self.pool.volume(key[1])
+            target = volume.latest_snapshot()
+            if target is None:
+                raise NotFound(f"volume {key[1]} has no snapshot")
+            attr.st_mode = stat.S_IFLNK | 0o777
+            attr.st_nlink = 1
+            attr.st_size = len(target.encode())
+        elif kind == "volume":
+            volume = self.pool.volume(key[1])
+            base = volume.base_stat()
+            view = volume.live_view()
+            attr.st_mode = stat.S_IFREG | stat.S_IMODE(base.st_mode)
+            attr.st_nlink = 1
+            attr.st_uid, attr.st_gid = base.st_uid, base.st_gid
+            attr.st_size = view.size
+            attr.st_blocks = (view.allocated_bytes() + 511) // 512
+            top = os.fstat(view.top.fd)
+            attr.st_mtime_ns, attr.st_ctime_ns = top.st_mtime_ns, top.st_ctime_ns
+            attr.st_atime_ns = top.st_atime_ns
+        elif kind == "snapfile":
+            volume = self.pool.volume(key[1])
+            base = volume.base_stat()
+            view = volume.snapshot_view(key[2])
+            attr.st_mode = stat.S_IFREG | (stat.S_IMODE(base.st_mode) & RO_BITS)
+            attr.st_nlink = 1
+            attr.st_uid, attr.st_gid = base.st_uid, base.st_gid
+            attr.st_size = view.size
+            attr.st_blocks = (view.allocated_bytes() + 511) // 512
+            created_ns = int(volume.snapshot_created(key[2]) * 1e9)
+            attr.st_mtime_ns = attr.st_ctime_ns = attr.st_atime_ns = created_ns
+        else:  # pragma: no cover
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return attr
+
+    def _check_exists(self, key: tuple) -> None:
+        """Raise ENOENT if the node named by `key` no longer exists."""
+        kind = key[0]
+        if kind in ("root", "volumes", "snapshots", "control"):
+            return
+        volume = self.pool.volume(key[1])
+        if kind in ("snapshot", "snapfile") and not volume.has_snapshot(key[2]):
+            raise NotFound(f"volume {key[1]} has no snapshot {key[2]}")
+
+    def _lookup_key(self, parent_key: tuple, name: str) -> tuple:
+        kind = parent_key[0]
+        if kind == "root":
+            if name == "volumes":
+                return ("volumes",)
+            if name == "snapshots":
+                return ("snapshots",)
+            if name == CONTROL_NAME:
+                return ("control",)
+        elif kind == "volumes":
+            self.pool.volume(name)
+            return ("volume", name)
+        elif kind == "snapshots":
+            self.pool.volume(name)
+            return ("snapdir", name)
+        elif kind == "snapdir":
+            volume = self.pool.volume(parent_key[1])
+            if name == LATEST:
+                if volume.latest_snapshot() is not None:
+                    return ("latest", parent_key[1])
+            elif is_snapshot_name(name) and volume.has_snapshot(name):
+                return ("snapshot", parent_key[1], name)
+        elif kind == "snapshot":
+            self._check_exists(parent_key)
+            if name == parent_key[1]:
+                return ("snapfile", parent_key[1], parent_key[2])
+        raise NotFound(name)
+
+    @staticmethod
+    def _parent_key(key: tuple) -> tuple:
+        kind = key[0]
+        if kind in ("root", "volumes", "snapshots", "control"):
+            return ("root",)
+        if kind == "volume":
+            return ("volumes",)
+        if kind == "snapdir":
+            return ("snapshots",)
+        if kind in ("snapshot", "latest"):
+            return ("snapdir", key[1])
+        return ("snapshot", key[1], key[2])
+
+    @handler
+    async def lookup(self, parent_inode, name, ctx=None):
+        parent_key = self.inodes.key(parent_inode)
+        text = os.fsdecode(name)
+        if text == ".":
+            key = parent_key
+        elif text == "..":
+            key = self._parent_key(parent_key)
+        else:
+            if len(name) > 255:
+                raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+            key = self._lookup_key(parent_key, text)
+        ino = self.inodes.ino(key)
+        attr = self._entry(ino, key)
+        if text not in (".", ".."):
+            self.inodes.looked_up(ino)
+        return attr
+
+    @handler
+    async def getattr(self, inode, ctx=None):
+        key = self.inodes.key(inode)
+        if not self.inodes.is_current(inode):
+            raise NotFound("deleted")
+        self._check_exists(key)
+        return self._entry(inode, key)
+
+    async def forget(self, inode_list):
+        for ino, count in inode_list:
+            try:
+                self.inodes.forget(ino, count)
+            except Exception:  # noqa: BLE001 - forget must never raise
+                log.exception("forget(%d)", ino)
+
+    @handler
+    async def readlink(self, inode, ctx):
+        key = self.inodes.key(inode)
+        if key[0] != "latest":
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        target = self.pool.volume(key[1]).latest_snapshot()
+        if target is None:
+            raise NotFound("no snapshot")
+        return target.encode()
+
+    # -- directories ----------------------------------------------------------------------
+
+    @handler
+    async def opendir(self, inode, ctx):
+        key = self.inodes.key(inode)
+        if key[0] not in ("root", "volumes", "snapshots", "snapdir", "snapshot"):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        self._check_exists(key)
+        return inode
+
+    def _children(self, key: tuple) -> list[tuple[str, tuple]]:
+        kind = key[0]
+        if kind == "root":
+            return [("volumes", ("volumes",)), ("snapshots", ("snapshots",))]
+        if kind == "volumes":
+            return [(name, ("volume", name)) for name in self.pool.volume_names()]
+        if kind == "snapshots":
+            return [(name, ("snapdir", name)) for name in self.pool.volume_names()]
+        if kind == "snapdir":
+            snapshots = self.pool.volume(key[1]).snapshots()
+            children = [(snap, ("snapshot", key[1], snap)) for snap in snapshots]
+            if snapshots:
+                children.append((LATEST, ("latest", key[1])))
+            return children
+        if kind == "snapshot":
+            self._check_exists(key)
+            return [(key[1], ("snapfile", key[1], key[2]))]
+        return []
+
+    @handler
+    async def readdir(self, fh, start_id, token):
+        key = self.inodes.key(fh)
+        # Entries in inode order, resumed by inode number: stable under concurrent
+        # creation (new names get higher numbers) and deletion (nothing shifts).
+        # Offsets start at ino + 3 to stay clear of the NFS-special cookies 1 and 2.
+        entries = []
+        for name, child_key in self._children(key):
+            entries.append((self.inodes.ino(child_key), name, child_key))
+        entries.sort()
+        for ino, name, child_key in entries:
+            if ino + 3 <= start_id:
+                continue
+            try:
+                attr = self._entry(ino, child_key)
+            except (VfsnapError, OSError) as exc:
+                # One broken volume must not hide the others: list it, it fails on use.
+                log.warning("listing %s: %s", name, exc)
+                attr = pyfuse3.EntryAttributes()
+                attr.st_ino = ino
+                attr.st_mode = stat.S_IFREG | 0o000
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), attr, ino + 3):
+                return
+            self.inodes.looked_up(ino)
+
+    async def releasedir(self, fh):
+        return None
+
+    # -- files ----------------------------------------------------------------------------
+
+    @handler
+    async def open(self, inode, flags, ctx):
+        key = self.inodes.key(inode)
+        if not self.inodes.is_current(inode):
+            raise NotFound("deleted")
+        kind = key[0]
+        writing = flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
+        if kind == "control":
+            if writing:
+                raise pyfuse3.FUSEError(errno.EACCES)
+            return pyfuse3.FileInfo(fh=self._new_handle(Handle(None, None, key)))
+        if kind not in ("volume", "snapfile"):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        volume = self.pool.volume(key[1])
+        if kind == "snapfile":
+            if writing:
+                raise pyfuse3.FUSEError(errno.EROFS)
+            view = volume.snapshot_view(key[2])
+            keep_cache = True  # a snapshot never changes (invariant 2)
+        else:
+            if writing:
+                raise pyfuse3.FUSEError(errno.EROFS)
+            view = volume.live_view()
+            keep_cache = False  # another host may have written it since
+        volume.opened()
+        fh = self._new_handle(Handle(view, volume, key))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
+
+    def _new_handle(self, handle: Handle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = handle
+        return fh
+
+    async def read(self, fh, off, size):
+        # Hot path: no decorator frame; the same error boundary inline.
+        try:
+            return self._handles[fh].view.read(off, size)
+        except Exception as exc:  # noqa: BLE001 - error boundary
+            handle = self._handles.get(fh)
+            raise fuse_error(exc, f"read {handle.key if handle else fh} at {off}+{size}") from None
+
+    @handler
+    async def release(self, fh):
+        handle = self._handles.pop(fh, None)
+        if handle is not None and handle.volume is not None:
+            handle.volume.released()
+
+    @handler
+    async def flush(self, fh):
+        return None
+
+    @handler
+    async def fsync(self, fh, datasync):
+        return None
+
+    # -- namespace operations vfsnap refuses deliberately -----------------------------------
+
+    def _refuse_create(self, parent_inode: int) -> None:
+        key = self.inodes.key(parent_inode)
+        if key[0] in ("snapshots", "snapdir", "snapshot"):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if self.pool.read_only:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @handler
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        self._refuse_create(parent_inode)
+
+    @handler
+    async def rmdir(self, parent_inode, name, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @handler
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        self._refuse_create(parent_inode)
+
+    @handler
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @handler
+    async def symlink(self, parent_inode, name, target, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @handler
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @handler
+    async def unlink(self, parent_inode, name, ctx):
+        key = self.inodes.key(parent_inode)
+        if key[0] == "volumes" and self.pool.read_only:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @handler
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @handler
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        key = self.inodes.key(inode)
+        if key[0] == "snapfile":
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if key[0] == "volume":
+            if fields.update_size:
+                raise pyfuse3.FUSEError(errno.EROFS if self.pool.read_only else errno.EPERM)
+            if fields.update_mode or fields.update_uid or fields.update_gid:
+                raise pyfuse3.FUSEError(errno.EPERM)
+            # Timestamps (touch) are accepted and ignored: the share's files keep theirs.
+            return self._entry(inode, key)
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    # -- capacity and extended attributes -------------------------------------------------
+
+    @handler
+    async def statfs(self, ctx):
+        capacity = self.pool.capacity()
+        data = pyfuse3.StatvfsData()
+        block = capacity.block_size
+        data.f_bsize = block
+        data.f_frsize = block
+        data.f_blocks = capacity.total // block
+        data.f_bfree = capacity.free // block
+        data.f_bavail = capacity.available // block
+        data.f_files = 1 << 20
+        data.f_ffree = 1 << 20
+        data.f_favail = 1 << 20
+        data.f_namemax = 255
+        return data
+
+    @handler
+    async def getxattr(self, inode, name, ctx):
+        key = self.inodes.key(inode)
+        return control.get_attribute(self.pool, key, os.fsdecode(name))
+
+    @handler
+    async def listxattr(self, inode, ctx):
+        key = self.inodes.key(inode)
+        return [n.encode() for n in control.attribute_names(self.pool, key)]
+
+    @handler
+    async def setxattr(self, inode, name, value, ctx):
+        key = self.inodes.key(inode)
+        if os.fsdecode(name) == "fuse_stacktrace" and key[0] == "root":
+            pyfuse3.stacktrace() if hasattr(pyfuse3, "stacktrace") else None
+            return
+        control.set_attribute(self.pool, key, os.fsdecode(name), value)
+
+    @handler
+    async def removexattr(self, inode, name, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    # -- lifetime -------------------------------------------------------------------------
+
+    def destroy(self) -> None:
+        """Close every volume (after `pyfuse3.main` returned)."""
+        for handle in self._handles.values():
+            if handle.volume is not None:
+                handle.volume.released()
+        self._handles.clear()
+        self.pool.close()
+
+
+__all__ = ["ROOT", "SNAPSHOTS", "VOLUMES", "CONTROL", "VfsnapOperations"]

@@ -1,0 +1,101 @@
+"""Mount options (`-o` of `vfsnap mount` and `mount.vfsnap`), parsed once into a frozen record."""
+
+from __future__ import annotations
+
+import attrs
+
+from vfsnap.errors import InvalidName
+
+# Options libfuse handles; passed through to pyfuse3.init.
+FUSE_OPTIONS = frozenset({"allow_other", "allow_root", "debug", "nosuid", "nodev", "noexec", "suid", "dev", "exec"})
+# Options mount(8), fstab and systemd hand to a helper that mean nothing to vfsnap itself.
+IGNORED_OPTIONS = frozenset({
+    "rw", "defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail",
+    "relatime", "noatime", "atime", "nodiratime", "strictatime", "lazytime", "sync", "async",
+})
+IGNORED_PREFIXES = ("x-", "X-", "comment=")
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    text = text.strip().lower().removesuffix("b").removesuffix("i")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+@attrs.frozen
+class MountOptions:
+    read_only: bool = False
+    fuse_options: frozenset[str] = frozenset()
+    max_chain_depth: int = 128
+    table_cache_size: int = 64 << 20  # bytes of L2 tables held for all images together
+    map_cache_chunks: int = 1024  # resolved chunks kept per view
+    volume_format: str = "raw"  # format of volumes created through the mount
+    thick: bool = False  # fully allocate new raw volumes (Cinder's nfs_sparsed_volumes=False)
+    share_type: str = "local"  # local, nfs, glusterfs
+    shares_config: str | None = None
+    mount_base: str = "/var/lib/vfsnap/mnt"
+    share_mount_options: str | None = None
+    share_mount_attempts: int = 3
+    max_over_subscription_ratio: float = 1.0
+    reserved_percentage: float = 0.0
+    metadata_flush_interval: float = 5.0  # seconds between background write-backs of metadata
+    log_file: str | None = None
+    log_level: str = "info"
+    foreground: bool = False
+
+
+def parse_options(text: str | None, **overrides) -> MountOptions:
+    """Parse `-o a,b=c` text. Unknown options raise InvalidName with a clear message."""
+    values: dict = {}
+    fuse = set()
+    for raw in (text or "").split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        key, has_value, value = item.partition("=")
+        if key in IGNORED_OPTIONS or item.startswith(IGNORED_PREFIXES):
+            continue
+        if key in FUSE_OPTIONS and not has_value:
+            fuse.add(key)
+        elif key == "ro" and not has_value:
+            values["read_only"] = True
+        elif key == "thick" and not has_value:
+            values["thick"] = True
+        elif key == "sparse" and not has_value:
+            values["thick"] = False
+        elif has_value and key in _VALUED:
+            try:
+                values[_VALUED[key][0]] = _VALUED[key][1](value)
+            except ValueError:
+                raise InvalidName(f"bad value for mount option {key}: {value!r}") from None
+        else:
+            raise InvalidName(f"unknown mount option {item!r}")
+    values.update(overrides)
+    if values.get("volume_format", "raw") not in ("raw", "qcow2"):
+        raise InvalidName("volume_format must be raw or qcow2")
+    if values.get("share_type", "local") not in ("local", "nfs", "glusterfs"):
+        raise InvalidName("share_type must be local, nfs or glusterfs")
+    if values.get("max_chain_depth", 1) < 1:
+        raise InvalidName("max_chain_depth must be at least 1")
+    return MountOptions(fuse_options=frozenset(fuse), **values)
+
+
+_VALUED = {
+    "max_chain_depth": ("max_chain_depth", int),
+    "table_cache_size": ("table_cache_size", _size),
+    "map_cache_chunks": ("map_cache_chunks", int),
+    "volume_format": ("volume_format", str),
+    "share_type": ("share_type", str),
+    "shares_config": ("shares_config", str),
+    "mount_base": ("mount_base", str),
+    "share_mount_options": ("share_mount_options", str),
+    "share_mount_attempts": ("share_mount_attempts", int),
+    "max_over_subscription_ratio": ("max_over_subscription_ratio", float),
+    "reserved_percentage": ("reserved_percentage", float),
+    "metadata_flush_interval": ("metadata_flush_interval", float),
+    "log": ("log_file", str),
+    "log_file": ("log_file", str),
+    "log_level": ("log_level", str),
+}

@@ -1,0 +1,79 @@
+"""The shares of one mount, seen as one set of volumes.
+
+`volumes/` lists the volumes of every share. A name found on two shares is served from the
+first share in configuration order, with a warning; capacity is the sum of all shares.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from vfsnap.errors import NotFound
+from vfsnap.format import TableCache
+from vfsnap.options import MountOptions
+from vfsnap.share.share import Capacity, Share
+from vfsnap.share.volume import Volume
+
+log = logging.getLogger(__name__)
+
+
+class Pool:
+    def __init__(self, shares: list[Share], options: MountOptions):
+        if not shares:
+            raise ValueError("a pool needs at least one share")
+        self.shares = shares
+        self.options = options
+        self._warned_duplicates: set[str] = set()
+
+    @classmethod
+    def open(cls, paths: list[str], options: MountOptions) -> "Pool":
+        from vfsnap.share.share import open_share
+
+        cache = TableCache(options.table_cache_size)
+        shares = []
+        for path in paths:
+            share = open_share(path, options)
+            share.table_cache = cache
+            shares.append(share)
+        return cls(shares, options)
+
+    @property
+    def read_only(self) -> bool:
+        return self.options.read_only
+
+    def volume_names(self) -> list[str]:
+        seen: dict[str, Share] = {}
+        for share in self.shares:
+            for name in share.volume_names():
+                if name in seen:
+                    self._warn_duplicate(name, seen[name], share)
+                    continue
+                seen[name] = share
+        return sorted(seen)
+
+    def _warn_duplicate(self, name: str, first: Share, other: Share) -> None:
+        if name not in self._warned_duplicates:
+            self._warned_duplicates.add(name)
+            log.warning("volume %s exists on %s and %s; serving the one on %s", name, first.path, other.path, first.path)
+
+    def volume(self, name: str) -> Volume:
+        for share in self.shares:
+            try:
+                return share.volume(name)
+            except NotFound:
+                continue
+        raise NotFound(f"no volume {name!r}")
+
+    def capacity(self) -> Capacity:
+        parts = [share.capacity() for share in self.shares]
+        block = min(p.block_size for p in parts) or 4096
+        return Capacity(
+            total=sum(p.total for p in parts),
+            free=sum(p.free for p in parts),
+            available=sum(p.available for p in parts),
+            block_size=block,
+        )
+
+    def close(self) -> None:
+        for share in self.shares:
+            share.close()

@@ -1,0 +1,143 @@
+"""A share: one directory holding volumes in Cinder's remotefs layout.
+
+Which files are volumes: every regular file with a valid volume name that is not a `.info`
+file, not a vfsnap sidecar or temporary file, and not named as an image by any volume's
+`.info` (overlays `<vol>.<snap>` are listed there).
+"""
+
+from __future__ import annotations
+
+import logging
+import stat
+
+import attrs
+
+from vfsnap.errors import CorruptImage, NotFound
+from vfsnap.format import TableCache
+from vfsnap.names import INFO_SUFFIX, is_volume_name
+from vfsnap.options import MountOptions
+from vfsnap.share.files import ShareDir
+from vfsnap.share.info import parse_info
+from vfsnap.share.volume import Volume
+
+log = logging.getLogger(__name__)
+
+
+@attrs.frozen
+class Capacity:
+    total: int
+    free: int  # bytes free for root
+    available: int  # bytes free for unprivileged users
+    block_size: int
+
+
+class Share:
+    def __init__(self, path: str, options: MountOptions, table_cache: TableCache | None = None):
+        self.options = options
+        self.dir = ShareDir(path)
+        self.path = self.dir.path
+        self.table_cache = table_cache or TableCache(options.table_cache_size)
+        self._volumes: dict[str, Volume] = {}
+        self._overlay_cache: dict[str, tuple[tuple, frozenset[str]]] = {}
+
+    @property
+    def read_only(self) -> bool:
+        return self.options.read_only
+
+    def close(self) -> None:
+        for volume in self._volumes.values():
+            volume.close()
+        self._volumes.clear()
+        self.dir.close()
+
+    # -- which files are volumes ----------------------------------------------------------
+
+    def _overlays_named_by(self, info_name: str) -> frozenset[str]:
+        """Files a `.info` names (cached by the file's identity and mtime)."""
+        st = self.dir.stat(info_name)
+        if st is None:
+            return frozenset()
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        cached = self._overlay_cache.get(info_name)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        try:
+            info = parse_info(self.dir.read_small(info_name) or b"{}", name=info_name)
+            names = frozenset(info.snapshots.values()) | {info.active}
+        except CorruptImage as exc:
+            log.warning("%s", exc)
+            names = frozenset()
+        names = names - {info_name[: -len(INFO_SUFFIX)]}
+        self._overlay_cache[info_name] = (stamp, names)
+        return names
+
+    def volume_names(self) -> list[str]:
+        entries = self.dir.listdir()
+        overlays: set[str] = set()
+        for name in entries:
+            if name.endswith(INFO_SUFFIX):
+                overlays |= self._overlays_named_by(name)
+        volumes = []
+        for name in entries:
+            if name in overlays or not is_volume_name(name):
+                continue
+            st = self.dir.stat(name)
+            if st is not None and stat.S_ISREG(st.st_mode):
+                volumes.append(name)
+        volumes.sort()
+        return volumes
+
+    def is_volume(self, name: str) -> bool:
+        if not is_volume_name(name):
+            return False
+        st = self.dir.stat(name)
+        if st is None or not stat.S_ISREG(st.st_mode):
+            return False
+        # An overlay of another volume is not a volume: look only at the `.info` files that
+        # could name it (volume `a` for file `a.b`, `a.b` for `a.b.c`, ...).
+        parts = name.split(".")
+        for i in range(1, len(parts)):
+            owner = ".".join(parts[:i])
+            if name in self._overlays_named_by(owner + INFO_SUFFIX):
+                return False
+        return True
+
+    def volume(self, name: str) -> Volume:
+        """The volume `name`, or NotFound."""
+        volume = self._volumes.get(name)
+        if volume is not None and self.dir.exists(name):
+            return volume
+        if not self.is_volume(name):
+            if volume is not None:
+                self._forget(name)
+            raise NotFound(f"no volume {name!r} on {self.path}")
+        if volume is None:
+            volume = self._volumes[name] = Volume(self, name)
+        return volume
+
+    def _forget(self, name: str) -> None:
+        volume = self._volumes.pop(name, None)
+        if volume is not None and not volume.open_count:
+            volume.close()
+
+    # -- capacity -------------------------------------------------------------------------
+
+    def capacity(self) -> Capacity:
+        st = self.dir.statvfs()
+        return Capacity(
+            total=st.f_blocks * st.f_frsize,
+            free=st.f_bfree * st.f_frsize,
+            available=st.f_bavail * st.f_frsize,
+            block_size=st.f_frsize,
+        )
+
+
+def open_share(path: str, options: MountOptions) -> Share:
+    share = Share(path, options)
+    if not share.read_only:
+        for name in share.dir.remove_stale_temp_files():
+            log.info("%s: removed stale temporary file %s", share.path, name)
+    return share
+
+
+__all__ = ["Capacity", "NotFound", "Share", "open_share"]
