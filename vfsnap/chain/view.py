@@ -9,11 +9,10 @@ the depth. Chunks are dropped when the chain changes (`invalidate`).
 from __future__ import annotations
 
 import logging
-import os
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 
-from vfsnap.errors import CorruptImage
-from vfsnap.format import BAD, COMPRESSED, DATA, UNALLOCATED, ZERO, CompressedCluster, Image
+from vfsnap.errors import CorruptImage, NoSpace, ReadOnly
+from vfsnap.format import BAD, COMPRESSED, DATA, UNALLOCATED, ZERO, CompressedCluster, Image, Qcow2Image, RawImage
 from vfsnap.format.image import pread_full
 
 log = logging.getLogger(__name__)
@@ -38,6 +37,50 @@ class Chunk:
         self.ends = [e[1] for e in extents]
         self.fds = [e[2] for e in extents]
         self.hosts = [e[3] for e in extents]
+
+    def patch(self, start: int, end: int, fd: int, host: object) -> None:
+        """Guest [start, end) of this chunk now lives at `(fd, host)` (after a write)."""
+        start = max(start, self.start)
+        end = min(end, self.end)
+        if start >= end:
+            return
+        starts, ends, fds, hosts = self.starts, self.ends, self.fds, self.hosts
+        i = bisect_right(starts, start) - 1
+        j = bisect_left(starts, end)
+        new_starts, new_ends, new_fds, new_hosts = [], [], [], []
+        if starts[i] < start:  # the part of the first extent before the write survives
+            new_starts.append(starts[i])
+            new_ends.append(start)
+            new_fds.append(fds[i])
+            new_hosts.append(hosts[i])
+        new_starts.append(start)
+        new_ends.append(end)
+        new_fds.append(fd)
+        new_hosts.append(host)
+        k = j - 1
+        if ends[k] > end:  # and so does the part of the last one after it
+            new_starts.append(end)
+            new_ends.append(ends[k])
+            new_fds.append(fds[k])
+            new_hosts.append(hosts[k] + (end - starts[k]) if fds[k] >= 0 else hosts[k])
+        starts[i:j] = new_starts
+        ends[i:j] = new_ends
+        fds[i:j] = new_fds
+        hosts[i:j] = new_hosts
+        self._merge_around(i + (1 if new_starts[0] < start else 0))
+
+    def _merge_around(self, i: int) -> None:
+        """Merge extent i with its neighbours when they continue each other (fewer extents)."""
+        for left in (i, i - 1):
+            right = left + 1
+            if left < 0 or right >= len(self.starts):
+                continue
+            fd = self.fds[left]
+            if fd != self.fds[right] or self.ends[left] != self.starts[right]:
+                continue
+            if fd == ZERO_FD or (fd >= 0 and self.hosts[left] + (self.ends[left] - self.starts[left]) == self.hosts[right]):
+                self.ends[left] = self.ends[right]
+                del self.starts[right], self.ends[right], self.fds[right], self.hosts[right]
 
 
 def chunk_bits_for(images: list[Image]) -> int:
@@ -72,6 +115,11 @@ class View:
         """Forget every resolved chunk (the chain or an image's map changed)."""
         self._chunks.clear()
         self._chunk_bits = chunk_bits_for(self.images)
+
+    def set_images(self, images: list[Image]) -> None:
+        """The chain changed (snapshot taken or merged): serve the new one from now on."""
+        self.images = list(images)
+        self.invalidate()
 
     def allocated_bytes(self) -> int:
         return sum(img.allocated_bytes() for img in self.images)
@@ -144,6 +192,123 @@ class View:
             return data[pos - base : end - base]
         # A fresh exception each time: re-raising one object would grow its traceback forever.
         raise CorruptImage(str(chunk.hosts[i]))
+
+
+    # -- writing (live views only: the top image must be writable) ------------------------
+
+    def write(self, offset: int, data) -> int:
+        """Write at `offset` into the top image; returns the bytes written (short at the end)."""
+        size = self.size
+        if offset >= size:
+            raise NoSpace(f"{self.name}: write at {offset} is past the end of the disk ({size})")
+        length = min(len(data), size - offset)
+        if length < len(data):
+            data = memoryview(data)[:length]
+        top = self.top
+        if not top.writable:
+            raise ReadOnly(f"{self.name}: read-only view")
+        if isinstance(top, RawImage):
+            top.write(offset, data)
+            return length
+        host = top.in_place_offset(offset, length)
+        if host is not None:
+            # Fast path: a cluster this image owns; the map already points there.
+            top.write_in_place(host, data)
+            return length
+        self._write_qcow2(top, offset, memoryview(data))
+        return length
+
+    def _write_qcow2(self, top: Qcow2Image, offset: int, data: memoryview) -> None:
+        cb = top.cluster_bits
+        cs = top.cluster_size
+        end = offset + len(data)
+        cluster = offset >> cb
+        last = (end - 1) >> cb
+        run_start = None  # first cluster of a run that needs new clusters
+        while cluster <= last:
+            c_start = cluster << cb
+            lo, hi = max(offset, c_start), min(end, c_start + cs)
+            host = top.in_place_offset(lo, hi - lo)
+            if host is not None:
+                if run_start is not None:
+                    self._allocate_run(top, run_start, cluster, offset, data)
+                    run_start = None
+                top.write_in_place(host, data[lo - offset : hi - offset])
+            elif run_start is None:
+                run_start = cluster
+            cluster += 1
+        if run_start is not None:
+            self._allocate_run(top, run_start, last + 1, offset, data)
+
+    def _allocate_run(self, top: Qcow2Image, first: int, stop: int, offset: int, data: memoryview) -> None:
+        """Write clusters [first, stop) to new host clusters, completing partial ones from what
+        the view shows now (copy-on-write from the resolved chain, QCOW2-NOTES checklist 18)."""
+        cb = top.cluster_bits
+        run_start, run_end = first << cb, stop << cb
+        end = offset + len(data)
+        buffer = bytearray(run_end - run_start)
+        if offset > run_start:
+            head = self.read(run_start, offset - run_start)
+            buffer[: len(head)] = head
+        if end < run_end:
+            tail = self.read(end, run_end - end)
+            buffer[end - run_start : end - run_start + len(tail)] = tail
+        lo, hi = max(offset, run_start), min(end, run_end)
+        buffer[lo - run_start : hi - run_start] = data[lo - offset : hi - offset]
+        host = top.write_clusters(first, buffer)
+        self._patch(run_start, run_end, top.fd, host)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make [offset, offset+length) read as zeros (discard, fallocate punch/zero range)."""
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return
+        top = self.top
+        if not top.writable:
+            raise ReadOnly(f"{self.name}: read-only view")
+        if isinstance(top, RawImage):
+            top.write_zeroes(offset, end - offset)
+            return
+        cb = top.cluster_bits
+        first_full = -(-offset >> cb)
+        stop_full = end >> cb
+        if top.header.version < 3 or first_full >= stop_full:
+            # No zero flag (v2) or no whole cluster: write zeros.
+            self.write(offset, bytes(end - offset))
+            return
+        if offset < first_full << cb:
+            self.write(offset, bytes((first_full << cb) - offset))
+        top.zero_clusters(first_full, stop_full - first_full)
+        self._patch(first_full << cb, stop_full << cb, ZERO_FD, 0)
+        if end > stop_full << cb:
+            self.write(stop_full << cb, bytes(end - (stop_full << cb)))
+
+    def _patch(self, start: int, end: int, fd: int, host: int) -> None:
+        bits = self._chunk_bits
+        pos = start
+        while pos < end:
+            index = pos >> bits
+            piece_end = min(end, (index + 1) << bits)
+            chunk = self._chunks.get(index)
+            if chunk is not None:
+                chunk.patch(pos, piece_end, fd, host + (pos - start) if fd >= 0 else host)
+            pos = piece_end
+
+    def flush(self) -> None:
+        """Make every write durable (the top image is the only one written)."""
+        self.top.flush()
+
+    @property
+    def dirty(self) -> bool:
+        return bool(getattr(self.top, "dirty", False))
+
+    def resize(self, new_size: int, *, thick: bool = False) -> None:
+        top = self.top
+        if isinstance(top, RawImage):
+            top.resize(new_size, thick=thick)
+        else:
+            top.resize(new_size)
+        self.invalidate()
 
 
 def resolve_extents(images: list[Image], start: int, end: int) -> list[tuple[int, int, int, object]]:

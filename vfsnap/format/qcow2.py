@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from array import array
 
 from vfsnap.errors import CorruptImage
@@ -19,38 +18,24 @@ from vfsnap.format.cache import TableCache
 from vfsnap.format.compression import decompress_cluster
 from vfsnap.format.header import Qcow2Header, read_header
 from vfsnap.format.image import COMPRESSED, DATA, UNALLOCATED, ZERO, CompressedCluster, Image, pread_full
+from vfsnap.format.tables import (
+    OFFSET_MASK,
+    OFLAG_COMPRESSED,
+    OFLAG_ZERO,
+    SUBCLUSTERS,
+    cluster_span,
+    compressed_span,
+    table_from_bytes,
+)
+from vfsnap.format.writer import Qcow2Writer
 
 log = logging.getLogger(__name__)
 
 BAD = 4  # extent kind: `where` is the CorruptImage to raise when the range is read
 
-OFFSET_MASK = 0x00FFFFFFFFFFFE00  # bits 9-55 of L1 and standard L2 entries
-OFLAG_COPIED = 1 << 63
-OFLAG_COMPRESSED = 1 << 62
-OFLAG_ZERO = 1
-SUBCLUSTERS = 32
-
-_SWAP = sys.byteorder == "little"
 
 
-def table_from_bytes(data: bytes) -> array:
-    """Big-endian u64 entries as an array of native ints."""
-    table = array("Q")
-    table.frombytes(data)
-    if _SWAP:
-        table.byteswap()
-    return table
-
-
-def table_to_bytes(table: array) -> bytes:
-    if _SWAP:
-        swapped = array("Q", table)
-        swapped.byteswap()
-        return swapped.tobytes()
-    return table.tobytes()
-
-
-class Qcow2Image(Image):
+class Qcow2Image(Qcow2Writer, Image):
     format = "qcow2"
 
     def __init__(self, fd: int, name: str, *, writable: bool, table_cache: TableCache):
@@ -69,6 +54,11 @@ class Qcow2Image(Image):
         self.l1 = self._load_l1()
         self._metadata_clusters = self._find_metadata_clusters()
         self._last_compressed: tuple[int, bytes] | None = None
+        # Write state (see "writing" below); None until the first write prepares the image.
+        self._refcounts = None
+        self._dirty_l2: dict[int, array] = {}
+        self._dirty_l1: set[int] = set()
+        self._data_dirty = False
 
     # -- opening --------------------------------------------------------------------------
 
@@ -84,8 +74,8 @@ class Qcow2Image(Image):
         h = self.header
         cb = self.cluster_bits
         clusters = {0}
-        clusters.update(_cluster_span(h.l1_table_offset, h.l1_size * 8, cb))
-        clusters.update(_cluster_span(h.refcount_table_offset, h.refcount_table_clusters << cb, cb))
+        clusters.update(cluster_span(h.l1_table_offset, h.l1_size * 8, cb))
+        clusters.update(cluster_span(h.refcount_table_offset, h.refcount_table_clusters << cb, cb))
         if h.refcount_table_clusters:
             reftable = table_from_bytes(
                 pread_full(self.fd, h.refcount_table_clusters << cb, h.refcount_table_offset)
@@ -98,7 +88,8 @@ class Qcow2Image(Image):
 
     @property
     def size(self) -> int:
-        return self.header.size
+        # QEMU counts whole 512-byte sectors: a header size of 1000 is a 512-byte disk.
+        return self.header.size & ~511
 
     @property
     def granularity(self) -> int:
@@ -125,7 +116,9 @@ class Qcow2Image(Image):
         l2_offset = self.l1[l1_index] & OFFSET_MASK
         if not l2_offset:
             return None
-        table = self._cache.get(self._cache_owner, l2_offset)
+        table = self._dirty_l2.get(l2_offset) if self._dirty_l2 else None
+        if table is None:
+            table = self._cache.get(self._cache_owner, l2_offset)
         if table is None:
             table = self._load_l2(l2_offset, l1_index)
         return table
@@ -248,10 +241,7 @@ class Qcow2Image(Image):
 
     def _compressed_extent(self, entry: int, cluster: int) -> tuple[int, object]:
         cb = self.cluster_bits
-        offset_bits = 62 - (cb - 8)
-        host = entry & ((1 << offset_bits) - 1)
-        sectors = ((entry >> offset_bits) & ((1 << (cb - 8)) - 1)) + 1
-        length = sectors * 512 - (host & 511)
+        host, length = compressed_span(entry, cb)
         if host >= self.file_size or host < self.cluster_size:
             return BAD, CorruptImage(
                 f"{self.name}: compressed cluster for guest offset {cluster << cb:#x} at {host:#x} "
@@ -271,12 +261,6 @@ class Qcow2Image(Image):
         return decoded
 
 
-def _cluster_span(offset: int, length: int, cluster_bits: int) -> range:
-    if not offset or not length:
-        return range(0)
-    return range(offset >> cluster_bits, ((offset + length - 1) >> cluster_bits) + 1)
-
-
 def _append(out: list, start: int, end: int, kind: int, where: object) -> None:
     """Append an extent, merging it into the previous one when they continue each other."""
     if out:
@@ -289,3 +273,4 @@ def _append(out: list, start: int, end: int, kind: int, where: object) -> None:
                 out[-1] = (p_start, end, kind, p_where)
                 return
     out.append((start, end, kind, where))
+

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
+from vfsnap.errors import NoSpace, NotPermitted, ReadOnly, VfsnapError
 from vfsnap.format.image import DATA, Image
 
 
@@ -30,3 +32,76 @@ class RawImage(Image):
         if start >= end:
             return []
         return [(start, end, DATA, start)]
+
+    # -- writing --------------------------------------------------------------------------
+
+    def write(self, offset: int, data) -> None:
+        if not self.writable:
+            raise ReadOnly(f"{self.name}: image is open read-only")
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.pwrite(self.fd, view, offset)
+                view = view[written:]
+                offset += written
+        except OSError as exc:
+            raise _write_error(exc, self.name) from None
+        self._dirty = True
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Punch a hole: reads as zeros, frees the blocks on filesystems that can."""
+        if not self.writable:
+            raise ReadOnly(f"{self.name}: image is open read-only")
+        try:
+            _punch_hole(self.fd, offset, length)
+        except OSError:
+            self.write(offset, bytes(length))
+        self._dirty = True
+
+    @property
+    def dirty(self) -> bool:
+        return getattr(self, "_dirty", False)
+
+    def flush(self) -> None:
+        if self.dirty:
+            try:
+                os.fdatasync(self.fd)
+            except OSError as exc:
+                raise _write_error(exc, self.name) from None
+            self._dirty = False
+
+    def resize(self, new_size: int, *, thick: bool = False) -> None:
+        if new_size < self._size:
+            raise NotPermitted(f"{self.name}: shrinking a volume is not supported")
+        if not self.writable:
+            raise ReadOnly(f"{self.name}: image is open read-only")
+        try:
+            if thick:
+                os.posix_fallocate(self.fd, self._size, new_size - self._size)
+            else:
+                os.ftruncate(self.fd, new_size)
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise _write_error(exc, self.name) from None
+        self._size = new_size
+
+
+def _write_error(exc: OSError, name: str) -> VfsnapError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace(f"{name}: no space left on the share")
+    return VfsnapError(f"{name}: {exc.strerror}", errno=exc.errno or errno.EIO)
+
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))

@@ -67,7 +67,7 @@ class InodeTable:
         if ino is not None and not self._lookups.get(ino):
             self._by_ino.pop(ino, None)
 
-    def retire_matching(self, prefix: tuple) -> None:
-        """Retire every key that starts with `prefix` (all nodes of a deleted volume)."""
-        for key in [k for k in self._by_key if k[: len(prefix)] == prefix and self._by_key[k] >= FIRST_DYNAMIC]:
+    def retire_where(self, predicate) -> None:
+        """Retire every dynamic key for which `predicate(key)` is true."""
+        for key in [k for k, ino in self._by_key.items() if ino >= FIRST_DYNAMIC and predicate(k)]:
             self.retire(key)

@@ -65,12 +65,13 @@ def handler(func):
 
 
 class Handle:
-    __slots__ = ("view", "volume", "key")
+    __slots__ = ("view", "volume", "key", "writable")
 
-    def __init__(self, view, volume, key):
+    def __init__(self, view, volume, key, writable=False):
         self.view = view
         self.volume = volume
         self.key = key
+        self.writable = writable
 
 
 class VfsnapOperations(pyfuse3.Operations):
@@ -315,13 +316,17 @@ class VfsnapOperations(pyfuse3.Operations):
             view = volume.snapshot_view(key[2])
             keep_cache = True  # a snapshot never changes (invariant 2)
         else:
-            if writing:
+            if writing and self.pool.read_only:
                 raise pyfuse3.FUSEError(errno.EROFS)
             view = volume.live_view()
+            if flags & os.O_TRUNC and view.size:
+                raise pyfuse3.FUSEError(errno.EPERM)  # truncating a disk to zero: shrinking
             keep_cache = False  # another host may have written it since
-        volume.opened()
-        fh = self._new_handle(Handle(view, volume, key))
-        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
+        return self._open_handle(Handle(view, volume, key, bool(writing)), keep_cache)
+
+    def _open_handle(self, handle: Handle, keep_cache: bool) -> pyfuse3.FileInfo:
+        handle.volume.opened()
+        return pyfuse3.FileInfo(fh=self._new_handle(handle), keep_cache=keep_cache)
 
     def _new_handle(self, handle: Handle) -> int:
         fh = self._next_fh
@@ -337,19 +342,39 @@ class VfsnapOperations(pyfuse3.Operations):
             handle = self._handles.get(fh)
             raise fuse_error(exc, f"read {handle.key if handle else fh} at {off}+{size}") from None
 
+    async def write(self, fh, off, buf):
+        # Hot path: no decorator frame; the same error boundary inline.
+        try:
+            handle = self._handles[fh]
+            if not handle.writable:
+                raise pyfuse3.FUSEError(errno.EBADF)
+            return handle.view.write(off, buf)
+        except Exception as exc:  # noqa: BLE001 - error boundary
+            handle = self._handles.get(fh)
+            raise fuse_error(exc, f"write {handle.key if handle else fh} at {off}+{len(buf)}") from None
+
     @handler
     async def release(self, fh):
         handle = self._handles.pop(fh, None)
         if handle is not None and handle.volume is not None:
-            handle.volume.released()
+            try:
+                if handle.writable and handle.volume.open_count == 1:
+                    handle.volume.flush()  # last writer gone: nothing stays only in memory
+            finally:
+                handle.volume.released()
 
     @handler
     async def flush(self, fh):
-        return None
+        # close(2): write back what this file wrote, so errors reach the closing program.
+        handle = self._handles.get(fh)
+        if handle is not None and handle.writable:
+            handle.volume.flush()
 
     @handler
     async def fsync(self, fh, datasync):
-        return None
+        handle = self._handles.get(fh)
+        if handle is not None and handle.volume is not None:
+            handle.volume.flush()
 
     # -- namespace operations vfsnap refuses deliberately -----------------------------------
 
@@ -371,7 +396,18 @@ class VfsnapOperations(pyfuse3.Operations):
 
     @handler
     async def create(self, parent_inode, name, mode, flags, ctx):
-        self._refuse_create(parent_inode)
+        key = self.inodes.key(parent_inode)
+        if key[0] != "volumes" or self.pool.read_only:
+            self._refuse_create(parent_inode)
+        text = os.fsdecode(name)
+        volume = self.pool.create_volume(text, 0, mode=stat.S_IMODE(mode) & ~ctx.umask)
+        child_key = ("volume", text)
+        self.inodes.retire(child_key)  # a fresh inode: never the cached pages of an older one
+        ino = self.inodes.ino(child_key)
+        attr = self._entry(ino, child_key)
+        self.inodes.looked_up(ino)
+        info = self._open_handle(Handle(volume.live_view(), volume, child_key, True), keep_cache=False)
+        return info, attr
 
     @handler
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
@@ -388,9 +424,18 @@ class VfsnapOperations(pyfuse3.Operations):
     @handler
     async def unlink(self, parent_inode, name, ctx):
         key = self.inodes.key(parent_inode)
-        if key[0] == "volumes" and self.pool.read_only:
+        if key[0] != "volumes":
+            raise pyfuse3.FUSEError(errno.EROFS if key[0] == "snapshot" else errno.EPERM)
+        if self.pool.read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
-        raise pyfuse3.FUSEError(errno.EPERM)
+        text = os.fsdecode(name)
+        self.pool.remove_volume(text)
+        self._retire_volume(text)
+
+    def _retire_volume(self, volume: str) -> None:
+        for kind in ("volume", "snapdir", "latest"):
+            self.inodes.retire((kind, volume))
+        self.inodes.retire_where(lambda key: len(key) == 3 and key[1] == volume)
 
     @handler
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
@@ -403,7 +448,9 @@ class VfsnapOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         if key[0] == "volume":
             if fields.update_size:
-                raise pyfuse3.FUSEError(errno.EROFS if self.pool.read_only else errno.EPERM)
+                if self.pool.read_only:
+                    raise pyfuse3.FUSEError(errno.EROFS)
+                self.pool.volume(key[1]).resize(attr.st_size)
             if fields.update_mode or fields.update_uid or fields.update_gid:
                 raise pyfuse3.FUSEError(errno.EPERM)
             # Timestamps (touch) are accepted and ignored: the share's files keep theirs.
@@ -452,8 +499,24 @@ class VfsnapOperations(pyfuse3.Operations):
 
     # -- lifetime -------------------------------------------------------------------------
 
+    async def background_tasks(self) -> None:
+        """Periodic write-back of metadata, so a crash loses little that was not fsynced."""
+        import trio
+
+        interval = self.pool.options.metadata_flush_interval
+        while interval > 0:
+            await trio.sleep(interval)
+            try:
+                self.pool.flush_all()
+            except Exception:  # noqa: BLE001 - keep flushing the other volumes next time
+                log.exception("background flush")
+
     def destroy(self) -> None:
-        """Close every volume (after `pyfuse3.main` returned)."""
+        """Write back and close every volume (after `pyfuse3.main` returned)."""
+        try:
+            self.pool.flush_all()
+        except Exception:  # noqa: BLE001 - still close what can be closed
+            log.exception("final flush")
         for handle in self._handles.values():
             if handle.volume is not None:
                 handle.volume.released()

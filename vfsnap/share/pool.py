@@ -64,6 +64,26 @@ class Pool:
                 continue
         raise NotFound(f"no volume {name!r}")
 
+    def create_volume(self, name: str, size: int = 0, *, mode: int = 0o644) -> Volume:
+        for share in self.shares:
+            if share.is_volume(name):
+                from vfsnap.errors import AlreadyExists
+
+                raise AlreadyExists(f"volume {name} exists on {share.path}")
+        return self.place(size).create_volume(name, size, mode=mode)
+
+    def place(self, size: int) -> Share:
+        """The share a new volume of `size` bytes goes to."""
+        return self.shares[0]
+
+    def remove_volume(self, name: str) -> None:
+        self.volume(name).share.remove_volume(name)
+
+    def flush_all(self) -> None:
+        """Write back every volume's metadata (the periodic background flush)."""
+        for share in self.shares:
+            share.flush_all()
+
     def capacity(self) -> Capacity:
         parts = [share.capacity() for share in self.shares]
         block = min(p.block_size for p in parts) or 4096

@@ -7,17 +7,20 @@ file, not a vfsnap sidecar or temporary file, and not named as an image by any v
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import stat
 
 import attrs
 
-from vfsnap.errors import CorruptImage, NotFound
+from vfsnap.errors import AlreadyExists, Busy, CorruptImage, NoSpace, NotFound, ReadOnly, VfsnapError
 from vfsnap.format import TableCache
-from vfsnap.names import INFO_SUFFIX, is_volume_name
+from vfsnap.format.create import create_qcow2
+from vfsnap.names import INFO_SUFFIX, check_volume_name, info_file, is_volume_name, sidecar_file
 from vfsnap.options import MountOptions
 from vfsnap.share.files import ShareDir
-from vfsnap.share.info import parse_info
+from vfsnap.share.info import Sidecar, parse_info
 from vfsnap.share.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -115,10 +118,74 @@ class Share:
             volume = self._volumes[name] = Volume(self, name)
         return volume
 
+    def flush_all(self) -> None:
+        for volume in list(self._volumes.values()):
+            if volume.dirty:
+                volume.flush()
+
     def _forget(self, name: str) -> None:
         volume = self._volumes.pop(name, None)
         if volume is not None and not volume.open_count:
             volume.close()
+
+    # -- creating and removing volumes ----------------------------------------------------
+
+    def create_volume(self, name: str, size: int = 0, *, mode: int = 0o644) -> Volume:
+        """Create the base file of a new volume in the mount's format, and record the format."""
+        name = check_volume_name(name)
+        if self.read_only:
+            raise ReadOnly("read-only mount")
+        for file_name in (name, info_file(name), sidecar_file(name)):
+            if self.dir.exists(file_name):
+                raise AlreadyExists(f"{file_name} already exists on {self.path}")
+        image_format = self.options.volume_format
+        try:
+            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode & 0o7777,
+                         dir_fd=self.dir.fd)
+        except FileExistsError:
+            raise AlreadyExists(f"{name} already exists on {self.path}") from None
+        try:
+            try:
+                if image_format == "qcow2":
+                    create_qcow2(fd, size)
+                elif size:
+                    if self.options.thick:
+                        os.posix_fallocate(fd, 0, size)
+                    else:
+                        os.ftruncate(fd, size)
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            self.dir.write_atomic(sidecar_file(name), Sidecar(base_format=image_format).to_json())
+        except OSError as exc:
+            self.dir.unlink(name)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpace(f"no space on {self.path} for volume {name}") from None
+            raise
+        except VfsnapError:
+            self.dir.unlink(name)
+            raise
+        log.info("created volume %s (%s, %d bytes) on %s", name, image_format, size, self.path)
+        return self.volume(name)
+
+    def remove_volume(self, name: str) -> None:
+        """Delete a volume's base, overlays, `.info` and sidecar (EBUSY with snapshots or open)."""
+        if self.read_only:
+            raise ReadOnly("read-only mount")
+        volume = self.volume(name)
+        if volume.open_count:
+            raise Busy(f"volume {name} is open")
+        info = volume.info()
+        if info.snapshots:
+            raise Busy(f"volume {name} has snapshots; delete them first")
+        files = [info.active] if info.active != name else []
+        files += [name, info_file(name), sidecar_file(name)]
+        volume.close()
+        self._volumes.pop(name, None)
+        for file_name in files:
+            self.dir.unlink(file_name)
+        self.dir.fsync()
+        log.info("removed volume %s from %s", name, self.path)
 
     # -- capacity -------------------------------------------------------------------------
 

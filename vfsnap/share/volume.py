@@ -13,7 +13,7 @@ import time
 
 from vfsnap.chain.backing import ChainRules, backing_chain
 from vfsnap.chain.view import View
-from vfsnap.errors import CorruptImage, NotFound, VfsnapError
+from vfsnap.errors import CorruptImage, NotFound, NotPermitted, VfsnapError
 from vfsnap.format import Image, Qcow2Image, open_image, probe_format
 from vfsnap.names import info_file, sidecar_file
 from vfsnap.share.info import Sidecar, VolumeInfo, parse_info, parse_sidecar
@@ -134,12 +134,14 @@ class Volume:
         return ChainRules(self.name, base_format=self.sidecar().base_format, max_depth=self.share.options.max_chain_depth)
 
     def _open_member(self, name: str, image_format: str) -> Image:
+        """Open (once) a file of the volume; the active image read-write unless the mount is ro."""
+        writable = not self.share.read_only and self._info is not None and name == self._info.active
         image = self._images.get(name)
-        if image is not None and image.format == image_format:
+        if image is not None and image.format == image_format and (image.writable or not writable):
             return image
-        fd = self.share.dir.open_regular(name, os.O_RDONLY)
+        fd = self.share.dir.open_regular(name, os.O_RDWR if writable else os.O_RDONLY)
         try:
-            image = open_image(fd, name, image_format, writable=False, table_cache=self.share.table_cache)
+            image = open_image(fd, name, image_format, writable=writable, table_cache=self.share.table_cache)
         except BaseException:
             os.close(fd)
             raise
@@ -160,6 +162,25 @@ class Volume:
         if self._live_view is None:
             self._live_view = View(self.live_chain(), name=self.name, max_chunks=self.share.options.map_cache_chunks)
         return self._live_view
+
+    # -- writing --------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Make every acknowledged write durable on the share."""
+        if self._live_view is not None:
+            self._live_view.flush()
+
+    @property
+    def dirty(self) -> bool:
+        return self._live_view is not None and self._live_view.dirty
+
+    def resize(self, new_size: int) -> None:
+        """Grow the live volume (only the active image grows; shorter backing files read zeros)."""
+        view = self.live_view()
+        if new_size < view.size:
+            raise NotPermitted(f"volume {self.name}: shrinking is not supported ({view.size} -> {new_size})")
+        if new_size != view.size:
+            view.resize(new_size, thick=self.share.options.thick)
 
     def snapshots(self) -> list[str]:
         """Snapshot ids, oldest first (by the position of their overlays in the chain)."""
