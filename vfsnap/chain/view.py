@@ -102,6 +102,8 @@ class View:
         self.max_chunks = max_chunks
         self._chunk_bits = chunk_bits_for(self.images)
         self._chunks: dict[int, Chunk] = {}
+        # Called with (offset, length) after every write (a merge of the top image watches).
+        self.observers: list = []
 
     @property
     def top(self) -> Image:
@@ -209,13 +211,16 @@ class View:
             raise ReadOnly(f"{self.name}: read-only view")
         if isinstance(top, RawImage):
             top.write(offset, data)
-            return length
-        host = top.in_place_offset(offset, length)
-        if host is not None:
-            # Fast path: a cluster this image owns; the map already points there.
-            top.write_in_place(host, data)
-            return length
-        self._write_qcow2(top, offset, memoryview(data))
+        else:
+            host = top.in_place_offset(offset, length)
+            if host is not None:
+                # Fast path: a cluster this image owns; the map already points there.
+                top.write_in_place(host, data)
+            else:
+                self._write_qcow2(top, offset, memoryview(data))
+        if self.observers:
+            for observer in self.observers:
+                observer(offset, length)
         return length
 
     def _write_qcow2(self, top: Qcow2Image, offset: int, data: memoryview) -> None:
@@ -266,6 +271,8 @@ class View:
         top = self.top
         if not top.writable:
             raise ReadOnly(f"{self.name}: read-only view")
+        for observer in self.observers:
+            observer(offset, end - offset)
         if isinstance(top, RawImage):
             top.write_zeroes(offset, end - offset)
             return

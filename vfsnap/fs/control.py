@@ -54,7 +54,7 @@ def status(pool) -> dict:
         except Exception as exc:  # noqa: BLE001 - one broken volume must not hide the rest
             entry["error"] = str(exc)
         volumes.append(entry)
-    operations = getattr(pool, "operations", lambda: [])()
+    operations = pool.operations()
     return {"version": __version__, "volumes": volumes, "operations": operations}
 
 

@@ -17,10 +17,13 @@ import time
 
 import pyfuse3
 
+import trio
+
 from vfsnap.errors import NotFound, VfsnapError
 from vfsnap.fs import control
 from vfsnap.fs.inodes import CONTROL, ROOT, SNAPSHOTS, VOLUMES, InodeTable
 from vfsnap.names import is_snapshot_name
+from vfsnap.share import snapshots
 from vfsnap.share.pool import Pool
 
 log = logging.getLogger(__name__)
@@ -65,13 +68,14 @@ def handler(func):
 
 
 class Handle:
-    __slots__ = ("view", "volume", "key", "writable")
+    __slots__ = ("view", "volume", "key", "writable", "snapshot")
 
     def __init__(self, view, volume, key, writable=False):
         self.view = view
         self.volume = volume
         self.key = key
         self.writable = writable
+        self.snapshot = key[2] if key[0] == "snapfile" else None
 
 
 class VfsnapOperations(pyfuse3.Operations):
@@ -85,6 +89,7 @@ class VfsnapOperations(pyfuse3.Operations):
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._mount_time_ns = time.time_ns()
+        self._nursery: trio.Nursery | None = None
 
     # -- attributes -----------------------------------------------------------------------
 
@@ -325,7 +330,7 @@ class VfsnapOperations(pyfuse3.Operations):
         return self._open_handle(Handle(view, volume, key, bool(writing)), keep_cache)
 
     def _open_handle(self, handle: Handle, keep_cache: bool) -> pyfuse3.FileInfo:
-        handle.volume.opened()
+        handle.volume.opened(handle.snapshot)
         return pyfuse3.FileInfo(fh=self._new_handle(handle), keep_cache=keep_cache)
 
     def _new_handle(self, handle: Handle) -> int:
@@ -361,7 +366,7 @@ class VfsnapOperations(pyfuse3.Operations):
                 if handle.writable and handle.volume.open_count == 1:
                     handle.volume.flush()  # last writer gone: nothing stays only in memory
             finally:
-                handle.volume.released()
+                handle.volume.released(handle.snapshot)
 
     @handler
     async def flush(self, fh):
@@ -388,11 +393,45 @@ class VfsnapOperations(pyfuse3.Operations):
 
     @handler
     async def mkdir(self, parent_inode, name, mode, ctx):
-        self._refuse_create(parent_inode)
+        key = self.inodes.key(parent_inode)
+        if key[0] != "snapdir":
+            self._refuse_create(parent_inode)
+        if self.pool.read_only:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if len(name) > 255:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+        text = os.fsdecode(name)
+        volume = self.pool.volume(key[1])
+        async with volume.chain_lock:
+            snapshots.take_snapshot(volume, text)
+        child_key = ("snapshot", key[1], text)
+        self.inodes.retire(child_key)
+        self.inodes.retire(("snapfile", key[1], text))
+        ino = self.inodes.ino(child_key)
+        attr = self._entry(ino, child_key)
+        self.inodes.looked_up(ino)
+        return attr
 
     @handler
     async def rmdir(self, parent_inode, name, ctx):
-        raise pyfuse3.FUSEError(errno.EPERM)
+        key = self.inodes.key(parent_inode)
+        if key[0] != "snapdir":
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if self.pool.read_only:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        text = os.fsdecode(name)
+        if text == LATEST or not is_snapshot_name(text):
+            raise pyfuse3.FUSEError(errno.ENOENT if text != LATEST else errno.ENOTDIR)
+        volume = self.pool.volume(key[1])
+        snapshots.request_delete(volume, text)
+        self.inodes.retire(("snapshot", key[1], text))
+        self.inodes.retire(("snapfile", key[1], text))
+        self.start_merges(volume)
+
+    def start_merges(self, volume) -> None:
+        """Run the volume's journalled deletions in the background (or at the next mount)."""
+        if self._nursery is not None and not volume.runner_active:
+            self._nursery.start_soon(snapshots.run_pending, volume)
 
     @handler
     async def create(self, parent_inode, name, mode, flags, ctx):
@@ -500,16 +539,20 @@ class VfsnapOperations(pyfuse3.Operations):
     # -- lifetime -------------------------------------------------------------------------
 
     async def background_tasks(self) -> None:
-        """Periodic write-back of metadata, so a crash loses little that was not fsynced."""
-        import trio
-
-        interval = self.pool.options.metadata_flush_interval
-        while interval > 0:
-            await trio.sleep(interval)
-            try:
-                self.pool.flush_all()
-            except Exception:  # noqa: BLE001 - keep flushing the other volumes next time
-                log.exception("background flush")
+        """Merges of deleted snapshots (resumed from the journal), and the periodic write-back
+        of metadata, so a crash loses little that was not fsynced."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for volume in self.pool.volumes_with_pending_work():
+                self.start_merges(volume)
+            interval = self.pool.options.metadata_flush_interval
+            while interval > 0:
+                await trio.sleep(interval)
+                try:
+                    self.pool.flush_all()
+                except Exception:  # noqa: BLE001 - keep flushing the other volumes next time
+                    log.exception("background flush")
+            await trio.sleep_forever()
 
     def destroy(self) -> None:
         """Write back and close every volume (after `pyfuse3.main` returned)."""

@@ -60,16 +60,24 @@ def parse_info(data: bytes, *, name: str) -> VolumeInfo:
 
 @attrs.frozen
 class Sidecar:
-    """The contents of `<vol>.vfsnap.json`."""
+    """The contents of `<vol>.vfsnap.json`.
+
+    `journal` lists the chain changes that were started and not yet finished, oldest first
+    (DESIGN.md invariant 3): each entry is written durably before the first step of its
+    operation and removed after the last, so the next mount can finish or roll back.
+    """
 
     base_format: str
     created: dict[str, float] = attrs.field(factory=dict)  # snapshot id -> creation time (s)
+    journal: tuple[dict, ...] = ()
     version: int = 1
 
     def to_json(self) -> bytes:
         document = {"version": self.version, "format": self.base_format, "snapshots": {
             snap: {"created": created} for snap, created in sorted(self.created.items())
         }}
+        if self.journal:
+            document["journal"] = list(self.journal)
         return json.dumps(document, indent=1, sort_keys=True).encode() + b"\n"
 
     def with_created(self, snapshot: str, created: float) -> "Sidecar":
@@ -77,6 +85,15 @@ class Sidecar:
 
     def without(self, snapshot: str) -> "Sidecar":
         return attrs.evolve(self, created={k: v for k, v in self.created.items() if k != snapshot})
+
+    def with_entry(self, entry: dict) -> "Sidecar":
+        return attrs.evolve(self, journal=self.journal + (entry,))
+
+    def without_entry(self, entry: dict) -> "Sidecar":
+        return attrs.evolve(self, journal=tuple(e for e in self.journal if e != entry))
+
+    def replace_entry(self, old: dict, new: dict) -> "Sidecar":
+        return attrs.evolve(self, journal=tuple(new if e == old else e for e in self.journal))
 
 
 def parse_sidecar(data: bytes, *, name: str) -> Sidecar:
@@ -86,8 +103,11 @@ def parse_sidecar(data: bytes, *, name: str) -> Sidecar:
         snapshots = document.get("snapshots", {})
         created = {str(k): float(v["created"]) for k, v in snapshots.items()}
         version = int(document.get("version", 1))
+        journal = tuple(dict(e) for e in document.get("journal", []))
+        if not all(isinstance(e.get("op"), str) for e in journal):
+            raise ValueError("journal entries need an 'op'")
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CorruptImage(f"{name}: unreadable vfsnap record ({exc!r})") from None
     if base_format not in ("raw", "qcow2"):
         raise CorruptImage(f"{name}: unknown base format {base_format!r}")
-    return Sidecar(base_format=base_format, created=created, version=version)
+    return Sidecar(base_format=base_format, created=created, journal=journal, version=version)

@@ -79,6 +79,18 @@ class Pool:
     def remove_volume(self, name: str) -> None:
         self.volume(name).share.remove_volume(name)
 
+    def volumes_with_pending_work(self) -> list[Volume]:
+        return [v for share in self.shares for v in share.volumes_with_journal()]
+
+    def operations(self) -> list[dict]:
+        from vfsnap.share.snapshots import operations
+
+        out = []
+        for share in self.shares:
+            for volume in share.open_volumes():
+                out += operations(volume)
+        return out
+
     def flush_all(self) -> None:
         """Write back every volume's metadata (the periodic background flush)."""
         for share in self.shares:

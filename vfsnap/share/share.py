@@ -118,6 +118,33 @@ class Share:
             volume = self._volumes[name] = Volume(self, name)
         return volume
 
+    def open_volumes(self) -> list[Volume]:
+        return list(self._volumes.values())
+
+    def volumes_with_journal(self) -> list[Volume]:
+        """Volumes whose sidecar holds unfinished operations (found by reading sidecars)."""
+        found = []
+        for name in self.volume_names():
+            data = self.dir.read_small(sidecar_file(name))
+            if data is None or b'"journal"' not in data:
+                continue
+            try:
+                found.append(self.volume(name))
+            except VfsnapError as exc:
+                log.error("%s: cannot resume its operations: %s", name, exc)
+        return found
+
+    def recover(self) -> None:
+        """Finish or roll back what a crash interrupted (snapshot creation; renames)."""
+        from vfsnap.share.snapshots import recover
+
+        for volume in self.volumes_with_journal():
+            try:
+                for line in recover(volume):
+                    log.info("%s", line)
+            except VfsnapError as exc:
+                log.error("%s: recovery failed: %s", volume.name, exc)
+
     def flush_all(self) -> None:
         for volume in list(self._volumes.values()):
             if volume.dirty:
@@ -204,6 +231,7 @@ def open_share(path: str, options: MountOptions) -> Share:
     if not share.read_only:
         for name in share.dir.remove_stale_temp_files():
             log.info("%s: removed stale temporary file %s", share.path, name)
+        share.recover()
     return share
 
 

@@ -2,7 +2,9 @@
 
 The views of a volume are its live disk (the chain ending at the active image) and one per
 snapshot (the chain *below* the overlay created when the snapshot was taken). Images are opened
-once and shared by all views of the volume.
+once and shared by all views of the volume; view objects live as long as the volume, and when the
+chain changes they are given their new chain (`rebuild_views`), so open files keep working.
+Chain-changing operations (snapshots, merges, rename) are in `vfsnap.share.snapshots`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
+
+import trio
 
 from vfsnap.chain.backing import ChainRules, backing_chain
 from vfsnap.chain.view import View
@@ -33,6 +38,13 @@ class Volume:
         self._snapshot_views: dict[str, View] = {}
         self._retired: list[Image] = []
         self.open_count = 0
+        self.open_snapshots: Counter[str] = Counter()
+        # Chain changes of this volume happen one at a time (DESIGN.md section 3).
+        self.chain_lock = trio.Lock()
+        # The merge running now, for `vfsnap status` (set by vfsnap.share.snapshots).
+        self.running_merge = None
+        self.failed: dict[str, str] = {}  # snapshot -> error of a merge that failed
+        self.runner_active = False
 
     # -- files ----------------------------------------------------------------------------
 
@@ -54,21 +66,37 @@ class Volume:
 
     def info(self) -> VolumeInfo:
         """The volume's `.info` (re-read when the file changed on the share)."""
-        st = self.share.dir.stat(self.info_name)
-        stamp = None if st is None else (st.st_ino, st.st_mtime_ns, st.st_size)
+        stamp = self._stamp()
         if self._info is None or stamp != self._info_stamp:
-            if self._info is not None:
-                log.info("%s: %s changed on the share; reopening the chain", self.name, self.info_name)
-                self._reset()
+            changed = self._info is not None
             self._info = self._read_info()
             self._info_stamp = stamp
+            if changed:
+                # Changed by someone else (Cinder, another host): reopen everything, but keep
+                # the view objects, which open files hold.
+                log.info("%s: %s changed on the share; reopening the chain", self.name, self.info_name)
+                for image in self._images.values():
+                    self._retire(image)
+                self._images.clear()
+                self._sidecar = None
+                self.rebuild_views()
         return self._info
+
+    def _stamp(self) -> tuple | None:
+        st = self.share.dir.stat(self.info_name)
+        return None if st is None else (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def _read_info(self) -> VolumeInfo:
         data = self.share.dir.read_small(self.info_name)
         if data is None:
             return VolumeInfo(active=self.name)
         return parse_info(data, name=self.info_name)
+
+    def write_info(self, info: VolumeInfo) -> None:
+        """Replace `.info` atomically (the commit point of every chain change)."""
+        self.share.dir.write_atomic(self.info_name, info.to_json())
+        self._info = info
+        self._info_stamp = self._stamp()
 
     def sidecar(self) -> Sidecar:
         """vfsnap's record of the volume, made the first time vfsnap meets the volume."""
@@ -80,12 +108,14 @@ class Volume:
                 self._sidecar = self._first_meeting()
         return self._sidecar
 
+    def save_sidecar(self, sidecar: Sidecar) -> None:
+        self.share.dir.write_atomic(self.sidecar_name, sidecar.to_json())
+        self._sidecar = sidecar
+
     def _first_meeting(self) -> Sidecar:
         info = self.info()
         base_format = self._declared_base_format(info) or self._probe_base()
-        created = {}
-        for snapshot, overlay in info.snapshots.items():
-            created[snapshot] = self._guess_creation_time(overlay)
+        created = {snapshot: self._guess_creation_time(overlay) for snapshot, overlay in info.snapshots.items()}
         sidecar = Sidecar(base_format=base_format, created=created)
         if not self.share.read_only:
             self.share.dir.write_atomic(self.sidecar_name, sidecar.to_json())
@@ -128,10 +158,13 @@ class Volume:
         except VfsnapError:
             return time.time()
 
-    # -- images and views -----------------------------------------------------------------
+    # -- images and chains ----------------------------------------------------------------
 
-    def _rules(self) -> ChainRules:
+    def rules(self) -> ChainRules:
         return ChainRules(self.name, base_format=self.sidecar().base_format, max_depth=self.share.options.max_chain_depth)
+
+    def format_of(self, file_name: str) -> str:
+        return self.rules().format_of(file_name, None, referrer=self.info_name)
 
     def _open_member(self, name: str, image_format: str) -> Image:
         """Open (once) a file of the volume; the active image read-write unless the mount is ro."""
@@ -139,29 +172,125 @@ class Volume:
         image = self._images.get(name)
         if image is not None and image.format == image_format and (image.writable or not writable):
             return image
-        fd = self.share.dir.open_regular(name, os.O_RDWR if writable else os.O_RDONLY)
-        try:
-            image = open_image(fd, name, image_format, writable=writable, table_cache=self.share.table_cache)
-        except BaseException:
-            os.close(fd)
-            raise
+        image = self._open_file(name, image_format, writable=writable)
         old = self._images.pop(name, None)
         if old is not None:
             self._retire(old)
         self._images[name] = image
         return image
 
+    def _open_file(self, name: str, image_format: str, *, writable: bool) -> Image:
+        fd = self.share.dir.open_regular(name, os.O_RDWR if writable else os.O_RDONLY)
+        try:
+            return open_image(fd, name, image_format, writable=writable, table_cache=self.share.table_cache)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def reopen(self, name: str, *, writable: bool) -> Image:
+        """Replace the open image `name` by a fresh one (after its header changed, or to write it).
+
+        Every view gets the new object; the old one is flushed and retired.
+        """
+        old = self._images.get(name)
+        if old is not None and getattr(old, "dirty", False):
+            old.flush()
+        image = self._open_file(name, self.format_of(name), writable=writable)
+        self._images[name] = image
+        if old is not None:
+            for view in self._views():
+                if old in view.images:
+                    view.set_images([image if img is old else img for img in view.images])
+            self._retire(old)
+        return image
+
     def live_chain(self) -> list[Image]:
         info = self.info()
-        rules = self._rules()
-        top_format = rules.format_of(info.active, None, referrer=self.info_name)
-        return backing_chain(info.active, top_format, rules, self._open_member)
+        rules = self.rules()
+        return backing_chain(info.active, rules.format_of(info.active, None, referrer=self.info_name), rules,
+                             self._open_member)
+
+    def _snapshot_chain(self, snapshot: str) -> list[Image]:
+        overlay = self.info().snapshots[snapshot]
+        chain = backing_chain(overlay, "qcow2", self.rules(), self._open_member)
+        if len(chain) < 2:
+            raise CorruptImage(f"{overlay}: snapshot overlay has no backing file")
+        return chain[:-1]
 
     def live_view(self) -> View:
         self.info()  # notices changes made on the share by others
         if self._live_view is None:
             self._live_view = View(self.live_chain(), name=self.name, max_chunks=self.share.options.map_cache_chunks)
         return self._live_view
+
+    def _views(self) -> list[View]:
+        views = list(self._snapshot_views.values())
+        if self._live_view is not None:
+            views.append(self._live_view)
+        return views
+
+    def rebuild_views(self) -> None:
+        """The chain changed: give every view its new chain, close images nobody uses."""
+        info = self.info()
+        if self._live_view is not None:
+            self._live_view.set_images(self.live_chain())
+        for snapshot, view in list(self._snapshot_views.items()):
+            if snapshot in info.snapshots:
+                view.set_images(self._snapshot_chain(snapshot))
+            else:
+                del self._snapshot_views[snapshot]
+        used = {img.name for view in self._views() for img in view.images} | {info.active}
+        for name in [n for n in self._images if n not in used]:
+            self._retire(self._images.pop(name))
+
+    # -- snapshots as the tree shows them -------------------------------------------------
+
+    def pending_deletes(self) -> list[str]:
+        if self._sidecar is None and not self.share.dir.exists(self.sidecar_name):
+            return []
+        return [e["snapshot"] for e in self.sidecar().journal if e["op"] == "delete"]
+
+    def snapshots(self) -> list[str]:
+        """Visible snapshot ids, oldest first (by their overlays' position in the chain).
+
+        Snapshots being deleted left the tree when `rmdir` returned, merged or not.
+        """
+        info = self.info()
+        if not info.snapshots:
+            return []
+        try:
+            order = {image.name: i for i, image in enumerate(self.live_chain())}
+        except VfsnapError:
+            order = {}
+        hidden = set(self.pending_deletes())
+        visible = [s for s in info.snapshots if s not in hidden]
+        return sorted(visible, key=lambda s: (order.get(info.snapshots[s], len(order)), s))
+
+    def has_snapshot(self, snapshot: str) -> bool:
+        return snapshot in self.info().snapshots and snapshot not in self.pending_deletes()
+
+    def latest_snapshot(self) -> str | None:
+        snapshots = self.snapshots()
+        return snapshots[-1] if snapshots else None
+
+    def snapshot_view(self, snapshot: str) -> View:
+        if not self.has_snapshot(snapshot):
+            raise NotFound(f"volume {self.name} has no snapshot {snapshot}")
+        view = self._snapshot_views.get(snapshot)
+        if view is None:
+            view = View(self._snapshot_chain(snapshot), name=f"{self.name}@{snapshot}",
+                        max_chunks=self.share.options.map_cache_chunks)
+            self._snapshot_views[snapshot] = view
+        return view
+
+    def snapshot_created(self, snapshot: str) -> float:
+        created = self.sidecar().created.get(snapshot)
+        if created is None:
+            overlay = self.info().snapshots.get(snapshot)
+            created = self._guess_creation_time(overlay) if overlay else time.time()
+            if not self.share.read_only:
+                self.save_sidecar(self.sidecar().with_created(snapshot, created))
+        return created
 
     # -- writing --------------------------------------------------------------------------
 
@@ -182,68 +311,31 @@ class Volume:
         if new_size != view.size:
             view.resize(new_size, thick=self.share.options.thick)
 
-    def snapshots(self) -> list[str]:
-        """Snapshot ids, oldest first (by the position of their overlays in the chain)."""
-        info = self.info()
-        if not info.snapshots:
-            return []
-        try:
-            order = {image.name: i for i, image in enumerate(self.live_chain())}
-        except VfsnapError:
-            order = {}
-        return sorted(info.snapshots, key=lambda s: (order.get(info.snapshots[s], len(order)), s))
-
-    def has_snapshot(self, snapshot: str) -> bool:
-        return snapshot in self.info().snapshots
-
-    def latest_snapshot(self) -> str | None:
-        snapshots = self.snapshots()
-        return snapshots[-1] if snapshots else None
-
-    def snapshot_view(self, snapshot: str) -> View:
-        info = self.info()
-        overlay = info.snapshots.get(snapshot)
-        if overlay is None:
-            raise NotFound(f"volume {self.name} has no snapshot {snapshot}")
-        view = self._snapshot_views.get(snapshot)
-        if view is None:
-            rules = self._rules()
-            chain = backing_chain(overlay, "qcow2", rules, self._open_member)
-            if len(chain) < 2:
-                raise CorruptImage(f"{overlay}: snapshot overlay has no backing file")
-            view = View(chain[:-1], name=f"{self.name}@{snapshot}", max_chunks=self.share.options.map_cache_chunks)
-            self._snapshot_views[snapshot] = view
-        return view
-
-    def snapshot_created(self, snapshot: str) -> float:
-        created = self.sidecar().created.get(snapshot)
-        if created is None:
-            overlay = self.info().snapshots.get(snapshot)
-            created = self._guess_creation_time(overlay) if overlay else time.time()
-        return created
-
     # -- lifetime -------------------------------------------------------------------------
 
     def _retire(self, image: Image) -> None:
         """Close an image now, or once no open file uses this volume any more."""
+        if getattr(image, "dirty", False):
+            try:
+                image.flush()
+            except VfsnapError as exc:
+                log.error("%s: flushing %s before closing it: %s", self.name, image.name, exc)
         if self.open_count:
             self._retired.append(image)
         else:
             image.close()
 
-    def _reset(self) -> None:
-        for image in self._images.values():
-            self._retire(image)
-        self._images.clear()
-        self._live_view = None
-        self._snapshot_views.clear()
-        self._sidecar = None
-
-    def opened(self) -> None:
+    def opened(self, snapshot: str | None = None) -> None:
         self.open_count += 1
+        if snapshot is not None:
+            self.open_snapshots[snapshot] += 1
 
-    def released(self) -> None:
+    def released(self, snapshot: str | None = None) -> None:
         self.open_count -= 1
+        if snapshot is not None:
+            self.open_snapshots[snapshot] -= 1
+            if not self.open_snapshots[snapshot]:
+                del self.open_snapshots[snapshot]
         if not self.open_count:
             for image in self._retired:
                 image.close()
@@ -251,6 +343,11 @@ class Volume:
 
     def close(self) -> None:
         for image in list(self._images.values()) + self._retired:
+            if getattr(image, "dirty", False):
+                try:
+                    image.flush()
+                except VfsnapError as exc:
+                    log.error("%s: final flush of %s: %s", self.name, image.name, exc)
             image.close()
         self._images.clear()
         self._retired.clear()

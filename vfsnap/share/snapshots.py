@@ -1,0 +1,270 @@
+"""Chain changes of a volume: taking a snapshot, deleting one, and finishing them after a crash.
+
+Every change is journalled in the volume's sidecar before its first step and leaves the journal
+after its last (DESIGN.md invariant 3). The commit point of each is one atomic write: the new
+`.info` (snapshot taken; active image merged) or the rebased header of the image above the
+deleted overlay. Recovery at mount (`recover`) looks at the journal and the files and either
+finishes an operation or rolls it back.
+
+Taking a snapshot (`mkdir snapshots/<vol>/<snap>`):
+  journal → create overlay `<vol>.<snap>` (backing: the active image, relative name, its
+  format) → flush the active image → `.info` names the overlay active [commit] → the live view
+  switches to the new top → record the creation time, clear the journal.
+  Nothing yields to the event loop between the flush and the switch, so no write can fall
+  between them: the snapshot equals the volume at one instant, and the writer sees no error.
+
+Deleting one (`rmdir`): the snapshot leaves the tree at once (the journal entry hides it); the
+merge runs in the background (`run_pending`), see `vfsnap.chain.merge` for why it keeps every
+other view intact.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import trio
+
+from vfsnap.chain.merge import Merge
+from vfsnap.chain.view import View
+from vfsnap.errors import AlreadyExists, Busy, CorruptImage, NotFound, ReadOnly, VfsnapError
+from vfsnap.format.create import create_qcow2
+from vfsnap.names import check_snapshot_name, overlay_file
+
+log = logging.getLogger(__name__)
+
+# An active merge stops yielding to writers once this little is left to copy.
+FINAL_COPY_BYTES = 32 << 20
+# ... or after this many rounds of copying what writers dirtied meanwhile.
+MAX_CATCH_UP_ROUNDS = 8
+
+
+# -- taking a snapshot ----------------------------------------------------------------------
+
+
+def take_snapshot(volume, snapshot: str, *, now: float | None = None) -> None:
+    """Take snapshot `snapshot` of the live volume. The caller holds `volume.chain_lock`."""
+    snapshot = check_snapshot_name(snapshot)
+    overlay = overlay_file(volume.name, snapshot)
+    if volume.share.read_only:
+        raise ReadOnly("read-only mount")
+    info = volume.info()
+    if snapshot in info.snapshots:
+        raise AlreadyExists(f"volume {volume.name} already has snapshot {snapshot}")
+    if volume.share.dir.exists(overlay):
+        raise AlreadyExists(f"{overlay} already exists on the share (another volume's file?)")
+    view = volume.live_view()
+    active = info.active
+    entry = {"op": "snapshot", "snapshot": snapshot, "overlay": overlay, "backing": active}
+    volume.save_sidecar(volume.sidecar().with_entry(entry))
+    created = False
+    try:
+        fd = volume.share.dir.open_regular(overlay, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+        created = True
+        try:
+            create_qcow2(fd, view.size, backing_file=active, backing_format=volume.format_of(active))
+        finally:
+            os.close(fd)
+        volume.share.dir.fsync()
+        # From here to the switch nothing awaits: no write can come in between.
+        view.flush()
+        volume.write_info(info.with_snapshot(snapshot, overlay, active=overlay))
+    except BaseException:
+        if created:
+            volume.share.dir.unlink(overlay)
+        volume.save_sidecar(volume.sidecar().without_entry(entry))
+        raise
+    _switch_to_new_top(volume, view)
+    volume.save_sidecar(volume.sidecar().with_created(snapshot, now or time.time()).without_entry(entry))
+    log.info("%s: took snapshot %s (%s)", volume.name, snapshot, overlay)
+
+
+def _switch_to_new_top(volume, view: View) -> None:
+    old_top = view.top
+    if getattr(old_top, "dirty", False):
+        old_top.flush()
+    old_top.writable = False  # it is a backing file now: nothing may write it any more
+    volume.rebuild_views()
+
+
+# -- deleting a snapshot --------------------------------------------------------------------
+
+
+def request_delete(volume, snapshot: str) -> None:
+    """Journal the deletion of `snapshot`; it leaves the tree now, the merge runs later."""
+    if volume.share.read_only:
+        raise ReadOnly("read-only mount")
+    if not volume.has_snapshot(snapshot):
+        raise NotFound(f"volume {volume.name} has no snapshot {snapshot}")
+    if volume.open_snapshots.get(snapshot):
+        raise Busy(f"snapshot {snapshot} of {volume.name} is open")
+    overlay = volume.info().snapshots[snapshot]
+    entry = {"op": "delete", "snapshot": snapshot, "overlay": overlay}
+    volume.save_sidecar(volume.sidecar().with_entry(entry))
+    volume.failed.pop(snapshot, None)
+    log.info("%s: snapshot %s deleted; merging %s in the background", volume.name, snapshot, overlay)
+
+
+async def run_pending(volume) -> None:
+    """Run the journalled deletions of `volume`, oldest first, until none is left."""
+    if volume.runner_active or volume.share.read_only:
+        return
+    volume.runner_active = True
+    try:
+        while True:
+            entries = [e for e in volume.sidecar().journal if e["op"] == "delete" and e["snapshot"] not in volume.failed]
+            if not entries:
+                return
+            entry = entries[0]
+            async with volume.chain_lock:
+                try:
+                    await _delete(volume, entry)
+                except VfsnapError as exc:
+                    # Leave the entry: the snapshot stays hidden, `vfsnap status` shows the
+                    # failure, and the next mount (or a retry of rmdir) tries again.
+                    log.error("%s: deleting snapshot %s failed: %s", volume.name, entry["snapshot"], exc)
+                    volume.failed[entry["snapshot"]] = str(exc)
+                except OSError as exc:
+                    log.error("%s: deleting snapshot %s failed: %s", volume.name, entry["snapshot"], exc)
+                    volume.failed[entry["snapshot"]] = os.strerror(exc.errno or 5)
+    finally:
+        volume.runner_active = False
+        volume.running_merge = None
+
+
+async def _delete(volume, entry: dict) -> None:
+    snapshot, overlay = entry["snapshot"], entry["overlay"]
+    info = volume.info()
+    chain = volume.live_chain()
+    names = [image.name for image in chain]
+    if overlay not in names:
+        # Merged and rebased before a crash: only the bookkeeping is left.
+        _finish_delete(volume, entry)
+        return
+    index = names.index(overlay)
+    if index == 0:
+        raise CorruptImage(f"{volume.name}: snapshot {snapshot} names the base image {overlay}")
+    target_name = names[index - 1]
+    child_name = names[index + 1] if index + 1 < len(names) else None
+    # The target is written by the merge and read by every view above it: one read-write
+    # image object for all of them keeps their caches coherent.
+    if not chain[index - 1].writable:
+        volume.reopen(target_name, writable=True)
+        chain = volume.live_chain()
+    target_view = View(chain[:index], name=f"{volume.name}:merge-target")
+    live = volume.live_view()
+    source = live if child_name is None else View(chain[: index + 1], name=f"{volume.name}:merge-source")
+    merge = Merge(chain[index], source, target_view)
+    volume.running_merge = {"snapshot": snapshot, "merge": merge}
+    if child_name is None:
+        live.observers.append(merge.note_write)
+    try:
+        merge.grow_target()
+        rounds = 0
+        while merge.step():
+            await trio.sleep(0)  # let FUSE requests in between steps
+            if child_name is None and merge.pending_bytes < FINAL_COPY_BYTES:
+                rounds += 1
+                if rounds >= MAX_CATCH_UP_ROUNDS or merge.pending_bytes < (1 << 20):
+                    break
+        # The rest without yielding: writers wait for this last, short part.
+        if child_name is None:
+            merge.grow_target()
+        merge.finish()
+        if child_name is not None:
+            _rebase(volume, child_name, target_name)  # commit point
+            volume.write_info(info.without_snapshot(snapshot))
+        else:
+            volume.write_info(info.without_snapshot(snapshot, active=target_name))  # commit point
+            chain[index].writable = False
+    finally:
+        if child_name is None and merge.note_write in live.observers:
+            live.observers.remove(merge.note_write)
+        if getattr(target_view.top, "dirty", False):
+            target_view.top.flush()
+        volume.running_merge = None
+    volume.rebuild_views()
+    _finish_delete(volume, entry)
+
+
+def _rebase(volume, child: str, backing: str) -> None:
+    """Point `child` at `backing` (qemu-img rebase -u), durable when this returns."""
+    image = volume.reopen(child, writable=True)
+    image.set_backing(backing, volume.format_of(backing))
+    if child != volume.info().active:
+        volume.reopen(child, writable=False)
+
+
+def _finish_delete(volume, entry: dict) -> None:
+    """After the commit point: drop the snapshot from `.info`, the overlay file, the entry."""
+    snapshot, overlay = entry["snapshot"], entry["overlay"]
+    info = volume.info()
+    if snapshot in info.snapshots:
+        active = info.active
+        if active == overlay:
+            raise CorruptImage(f"{volume.name}: {overlay} is still active after its merge")
+        volume.write_info(info.without_snapshot(snapshot))
+    image = volume._images.pop(overlay, None)
+    if image is not None:
+        volume._retire(image)
+    if overlay not in (volume.info().active, volume.name) and overlay not in volume.info().snapshots.values():
+        volume.share.dir.unlink(overlay)
+        volume.share.dir.fsync()
+    volume.save_sidecar(volume.sidecar().without(snapshot).without_entry(entry))
+    log.info("%s: snapshot %s merged and removed", volume.name, snapshot)
+
+
+# -- recovery -------------------------------------------------------------------------------
+
+
+def recover(volume) -> list[str]:
+    """Finish or roll back what a crash interrupted; deletions are left for `run_pending`.
+
+    Returns a line per action taken (for logs and `vfsnap check`).
+    """
+    actions = []
+    for entry in list(volume.sidecar().journal):
+        if entry["op"] == "snapshot":
+            actions.append(_recover_snapshot(volume, entry))
+        elif entry["op"] == "delete":
+            actions.append(f"{volume.name}: deletion of snapshot {entry['snapshot']} pending; resuming")
+        else:
+            actions.append(f"{volume.name}: unknown journal entry {entry!r} left alone")
+    return actions
+
+
+def _recover_snapshot(volume, entry: dict) -> str:
+    snapshot, overlay = entry["snapshot"], entry["overlay"]
+    info = volume.info()
+    if info.snapshots.get(snapshot) == overlay:
+        volume.save_sidecar(volume.sidecar().with_created(snapshot, time.time()).without_entry(entry))
+        return f"{volume.name}: snapshot {snapshot} was committed; finished it"
+    if overlay not in info.snapshots.values() and overlay != info.active:
+        volume.share.dir.unlink(overlay)
+        volume.share.dir.fsync()
+    volume.save_sidecar(volume.sidecar().without_entry(entry))
+    return f"{volume.name}: snapshot {snapshot} was not committed; rolled back"
+
+
+def operations(volume) -> list[dict]:
+    """Running, queued and failed deletions of `volume`, for `vfsnap status`."""
+    out = []
+    running = volume.running_merge
+    for entry in volume.sidecar().journal:
+        if entry["op"] != "delete":
+            continue
+        snapshot = entry["snapshot"]
+        op = {"volume": volume.name, "kind": "delete", "snapshot": snapshot, "overlay": entry["overlay"]}
+        if running is not None and running["snapshot"] == snapshot:
+            merge = running["merge"]
+            op.update(state="merging", done=merge.done, total=merge.total)
+        elif snapshot in volume.failed:
+            op.update(state="failed", error=volume.failed[snapshot])
+        else:
+            op.update(state="queued")
+        out.append(op)
+    return out
+
+
+__all__ = ["operations", "recover", "request_delete", "run_pending", "take_snapshot", "NotFound"]
