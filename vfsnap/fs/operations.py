@@ -478,7 +478,21 @@ class VfsnapOperations(pyfuse3.Operations):
 
     @handler
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        raise pyfuse3.FUSEError(errno.EPERM)
+        old_parent, new_parent = self.inodes.key(parent_inode_old), self.inodes.key(parent_inode_new)
+        if old_parent[0] != "volumes" or new_parent[0] != "volumes" or flags & pyfuse3.RENAME_EXCHANGE:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if self.pool.read_only:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        old, new = os.fsdecode(name_old), os.fsdecode(name_new)
+        if len(name_new) > 255:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+        if old == new:
+            return
+        volume = self.pool.volume(old)
+        async with volume.chain_lock:
+            self.pool.rename_volume(old, new)
+        self._retire_volume(old)
+        self._retire_volume(new)
 
     @handler
     async def setattr(self, inode, attr, fields, fh, ctx):

@@ -76,6 +76,15 @@ class Pool:
         """The share a new volume of `size` bytes goes to."""
         return self.shares[0]
 
+    def rename_volume(self, old: str, new: str) -> None:
+        volume = self.volume(old)
+        for share in self.shares:
+            if share.is_volume(new):
+                from vfsnap.errors import AlreadyExists
+
+                raise AlreadyExists(f"volume {new} exists on {share.path}")
+        volume.share.rename_volume(old, new)
+
     def remove_volume(self, name: str) -> None:
         self.volume(name).share.remove_volume(name)
 

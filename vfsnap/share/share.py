@@ -136,8 +136,12 @@ class Share:
 
     def recover(self) -> None:
         """Finish or roll back what a crash interrupted (snapshot creation; renames)."""
+        from vfsnap.share.rename import pending_renames, run_rename
         from vfsnap.share.snapshots import recover
 
+        for entry in pending_renames(self):
+            log.info("%s: finishing the interrupted rename of %s to %s", self.path, entry["from"], entry["to"])
+            run_rename(self, entry)
         for volume in self.volumes_with_journal():
             try:
                 for line in recover(volume):
@@ -149,6 +153,14 @@ class Share:
         for volume in list(self._volumes.values()):
             if volume.dirty:
                 volume.flush()
+
+    def rename_volume(self, old: str, new: str) -> None:
+        from vfsnap.share.rename import rename_volume
+
+        rename_volume(self, old, new)
+
+    def forget_volume(self, name: str) -> None:
+        self._volumes.pop(name, None)
 
     def _forget(self, name: str) -> None:
         volume = self._volumes.pop(name, None)
