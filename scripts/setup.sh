@@ -12,8 +12,9 @@ sudo=""
 [ "$(id -u)" -ne 0 ] && sudo="sudo"
 
 runtime_packages=(fuse3 libfuse3-dev pkg-config gcc python3 python3-venv python3-dev qemu-utils attr)
-# qemu-system-common: qemu-storage-daemon (benchmark reference); fio, rsync: real clients in tests.
-test_packages=(qemu-system-common fio rsync e2fsprogs psmisc)
+# qemu-system-common: qemu-storage-daemon (benchmark reference); fio, rsync: real clients in tests;
+# glusterfs-server, glusterfs-client: the GlusterFS volume of tests/gluster.py (which installs them too).
+test_packages=(qemu-system-common fio rsync e2fsprogs psmisc glusterfs-server glusterfs-client)
 
 packages=("${runtime_packages[@]}")
 [ "$with_tests" = 1 ] && packages+=("${test_packages[@]}")
@@ -39,7 +40,9 @@ fi
 if [ -w /usr/local/bin ]; then
     ln -sf "$PWD/.venv/bin/vfsnap" /usr/local/bin/vfsnap
     if [ -x .venv/bin/mount.vfsnap ] && [ -w /sbin ]; then
+        # mount.vfsnap for type vfsnap, mount.fuse.vfsnap for type fuse.vfsnap (fstab).
         ln -sf "$PWD/.venv/bin/mount.vfsnap" /sbin/mount.vfsnap
+        ln -sf "$PWD/.venv/bin/mount.vfsnap" /sbin/mount.fuse.vfsnap
     fi
 fi
 echo "vfsnap installed: $PWD/.venv/bin/vfsnap"

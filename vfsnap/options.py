@@ -14,6 +14,13 @@ IGNORED_OPTIONS = frozenset({
     "relatime", "noatime", "atime", "nodiratime", "strictatime", "lazytime", "sync", "async",
 })
 IGNORED_PREFIXES = ("x-", "X-", "comment=")
+# Options that may be given more than once: the values are joined with commas, so that a value
+# which itself holds commas can be passed through `-o` (`share_mount_options=vers=4.1,share_mount_options=hard`).
+REPEATABLE_OPTIONS = frozenset({"share_mount_options"})
+
+
+class UnknownOption(InvalidName):
+    """An option vfsnap does not know (mount.vfsnap -s drops these with a warning)."""
 
 
 def _size(text: str) -> int:
@@ -38,7 +45,7 @@ class MountOptions:
     mount_base: str = "/var/lib/vfsnap/mnt"
     share_mount_options: str | None = None
     share_mount_attempts: int = 3
-    max_over_subscription_ratio: float = 1.0
+    max_over_subscription_ratio: float = 20.0  # Cinder's default
     reserved_percentage: float = 0.0
     metadata_flush_interval: float = 5.0  # seconds between background write-backs of metadata
     log_file: str | None = None
@@ -50,6 +57,7 @@ def parse_options(text: str | None, **overrides) -> MountOptions:
     """Parse `-o a,b=c` text. Unknown options raise InvalidName with a clear message."""
     values: dict = {}
     fuse = set()
+    repeated: dict[str, list[str]] = {}
     for raw in (text or "").split(","):
         item = raw.strip()
         if not item:
@@ -65,13 +73,17 @@ def parse_options(text: str | None, **overrides) -> MountOptions:
             values["thick"] = True
         elif key == "sparse" and not has_value:
             values["thick"] = False
+        elif has_value and key in REPEATABLE_OPTIONS:
+            repeated.setdefault(key, []).append(value)
         elif has_value and key in _VALUED:
             try:
                 values[_VALUED[key][0]] = _VALUED[key][1](value)
             except ValueError:
                 raise InvalidName(f"bad value for mount option {key}: {value!r}") from None
         else:
-            raise InvalidName(f"unknown mount option {item!r}")
+            raise UnknownOption(f"unknown mount option {item!r}")
+    for key, parts in repeated.items():
+        values[_VALUED[key][0]] = ",".join(parts)
     values.update(overrides)
     if values.get("volume_format", "raw") not in ("raw", "qcow2"):
         raise InvalidName("volume_format must be raw or qcow2")
@@ -79,6 +91,10 @@ def parse_options(text: str | None, **overrides) -> MountOptions:
         raise InvalidName("share_type must be local, nfs or glusterfs")
     if values.get("max_chain_depth", 1) < 1:
         raise InvalidName("max_chain_depth must be at least 1")
+    if values.get("max_over_subscription_ratio", 1.0) <= 0:
+        raise InvalidName("max_over_subscription_ratio must be greater than 0")
+    if not 0 <= values.get("reserved_percentage", 0.0) < 100:
+        raise InvalidName("reserved_percentage must be at least 0 and less than 100")
     return MountOptions(fuse_options=frozenset(fuse), **values)
 
 

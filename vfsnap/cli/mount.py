@@ -7,7 +7,9 @@ import logging
 import logging.handlers
 import os
 import signal
+import subprocess
 import sys
+from typing import NoReturn
 
 import pyfuse3
 import trio
@@ -47,7 +49,10 @@ def resolve_shares(spec: str, options: MountOptions) -> list[str]:
     if options.shares_config or options.share_type != "local" or (":" in spec and not os.path.isdir(spec)):
         from vfsnap.share.remote import mount_shares
 
-        return mount_shares(spec, options)
+        try:
+            return mount_shares(spec, options)
+        except VfsnapError as exc:
+            raise QuietError(str(exc), EXIT_MOUNT_FAILED) from None
     if not os.path.isdir(spec):
         raise QuietError(f"share {spec} is not a directory", EXIT_MOUNT_FAILED)
     return [os.path.realpath(spec)]
@@ -103,22 +108,42 @@ def mount(spec: str, mountpoint: str, option_text: str, *, foreground: bool) -> 
         pool.close()
         raise QuietError(f"cannot mount {mountpoint}: {exc}", EXIT_MOUNT_FAILED) from None
     log.info("mounted %s on %s (%s)", spec, real_mountpoint, ", ".join(shares))
-    if not foreground:
-        _daemonize()
+    ready_fd = None if foreground else _daemonize(real_mountpoint)
     stopped_by_signal = False
     try:
-        stopped_by_signal = trio.run(serve, operations, options)
+        stopped_by_signal = trio.run(serve, operations, options, real_mountpoint, ready_fd)
     finally:
         operations.destroy()
-        still_mounted = stopped_by_signal or os.path.ismount(real_mountpoint)
+        # /proc/mounts, not os.path.ismount: a stat of the mount from this thread, with the loop
+        # ended but the mount still there, would wait forever for this very process to answer.
+        still_mounted = stopped_by_signal or _is_vfsnap_mount(real_mountpoint)
         pyfuse3.close(unmount=still_mounted)
         log.info("unmounted %s", real_mountpoint)
     return EXIT_OK
 
 
-async def serve(operations: VfsnapOperations, options: MountOptions) -> bool:
-    """Run the FUSE loop and vfsnap's background tasks; True when stopped by a signal."""
+async def serve(operations: VfsnapOperations, options: MountOptions, mountpoint: str | None = None,
+                ready_fd: int | None = None) -> bool:
+    """Run the FUSE loop and vfsnap's background tasks; True when vfsnap itself ended the loop
+    (a signal, or a mount that never answered), so that the mount is still there.
+
+    With `ready_fd`, the daemonized process reports on it once the mount answers (see `_daemonize`).
+    """
     stopped = False
+
+    async def report_ready() -> None:
+        nonlocal stopped
+        assert mountpoint is not None and ready_fd is not None
+        # From a worker thread: a stat from the loop's own thread would wait for itself.
+        try:
+            await trio.to_thread.run_sync(os.stat, mountpoint)
+        except OSError as exc:
+            _report(ready_fd, f"{mountpoint} does not answer: {exc.strerror}")
+            stopped = True
+            pyfuse3.terminate()
+            return
+        _report(ready_fd, _READY)
+        _detach_stdio()
 
     async def watch_signals(cancel_scope: trio.CancelScope) -> None:
         nonlocal stopped
@@ -131,6 +156,8 @@ async def serve(operations: VfsnapOperations, options: MountOptions) -> bool:
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch_signals, nursery.cancel_scope)
+        if ready_fd is not None:
+            nursery.start_soon(report_ready)
         background = getattr(operations, "background_tasks", None)
         if background is not None:
             nursery.start_soon(background)
@@ -139,14 +166,55 @@ async def serve(operations: VfsnapOperations, options: MountOptions) -> bool:
     return stopped
 
 
-def _daemonize() -> None:
-    """Detach after the mount exists, so mount errors still reached the terminal."""
-    if os.fork():
-        os._exit(0)
+_READY = "ready"
+
+
+def _daemonize(mountpoint: str) -> int:
+    """Detach after the mount exists, so mount errors still reached the terminal.
+
+    The calling process exits only when the daemon reports, as borg's `daemonizing()` does: 0 once
+    the mount answers (mount(8) and systemd rely on a helper returning only then), the exit code
+    of a failed mount otherwise. Returns, in the daemon, the descriptor to report on; the daemon
+    keeps stdin/stdout/stderr until it has reported, so a traceback still reaches the terminal.
+    """
+    read_fd, write_fd = os.pipe()
+    child = os.fork()
+    if child:
+        os.close(write_fd)
+        os.waitpid(child, 0)
+        _wait_for_daemon(read_fd, mountpoint)
+    os.close(read_fd)
     os.setsid()
     if os.fork():
         os._exit(0)
     os.chdir("/")
+    return write_fd
+
+
+def _wait_for_daemon(read_fd: int, mountpoint: str) -> NoReturn:
+    chunks = []
+    while chunk := os.read(read_fd, 4096):
+        chunks.append(chunk)
+    message = b"".join(chunks).decode(errors="replace")
+    if message == _READY:
+        os._exit(EXIT_OK)
+    if _is_vfsnap_mount(mountpoint):
+        # The daemon died without unmounting: leave no dead mount (ENOTCONN) behind.
+        subprocess.run(["fusermount3", "-u", "-z", "-q", mountpoint], capture_output=True, check=False)
+    print(f"vfsnap: cannot mount {mountpoint}: {message or 'the daemon exited before the mount answered'}",
+          file=sys.stderr, flush=True)
+    os._exit(EXIT_MOUNT_FAILED)
+
+
+def _report(ready_fd: int, message: str) -> None:
+    try:
+        os.write(ready_fd, message.encode())
+        os.close(ready_fd)
+    except OSError:
+        pass  # the waiting parent is gone (killed): nobody to tell
+
+
+def _detach_stdio() -> None:
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)

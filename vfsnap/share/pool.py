@@ -73,8 +73,17 @@ class Pool:
         return self.place(size).create_volume(name, size, mode=mode)
 
     def place(self, size: int) -> Share:
-        """The share a new volume of `size` bytes goes to."""
-        return self.shares[0]
+        """The share a new volume of `size` bytes goes to (Cinder's rules: see placement.py)."""
+        from vfsnap.share.placement import choose_share, share_usage
+
+        usages = [share_usage(share.path) for share in self.shares]
+        index = choose_share(
+            usages,
+            size,
+            max_over_subscription_ratio=self.options.max_over_subscription_ratio,
+            reserved_percentage=self.options.reserved_percentage,
+        )
+        return self.shares[index]
 
     def rename_volume(self, old: str, new: str) -> None:
         volume = self.volume(old)
