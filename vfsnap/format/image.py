@@ -60,6 +60,13 @@ class Image:
     def read_compressed(self, cluster: CompressedCluster) -> bytes:
         raise NotImplementedError
 
+    def flush(self) -> None:
+        """Make writes durable (images that are written override this)."""
+
+    def close_writes(self) -> None:
+        """Write everything back and mark the image consistent on disk."""
+        self.flush()
+
     def allocated_bytes(self) -> int:
         """Bytes of the share this image occupies (its file's allocated blocks)."""
         return os.fstat(self.fd).st_blocks * 512

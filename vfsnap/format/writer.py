@@ -11,7 +11,7 @@ from array import array
 import attrs
 
 from vfsnap.errors import CorruptImage, NoSpace, NotPermitted, ReadOnly, VfsnapError
-from vfsnap.format.header import Qcow2Header, read_header, serialize_header_area, with_backing
+from vfsnap.format.header import INCOMPAT_DIRTY, Qcow2Header, read_header, serialize_header_area, with_backing
 from vfsnap.format.tables import (
     ALL_SUBCLUSTERS_ALLOCATED,
     OFFSET_MASK,
@@ -57,10 +57,20 @@ class Qcow2Writer:
         from vfsnap.format.refcount import Refcounts
 
         self._refcounts = Refcounts(self)
-        if h.autoclear_features:
-            # vfsnap maintains no bitmaps and knows no other autoclear feature: clear them all
-            # before the first write, as the specification requires.
-            self.write_header(attrs.evolve(h, autoclear_features=0))
+        # vfsnap maintains no bitmaps and knows no other autoclear feature: clear them all before
+        # the first write, as the specification requires. And mark the image dirty while its
+        # metadata changes: a crash then leaves the bit set, and the next mount (or QEMU's next
+        # read-write open) rebuilds the refcounts, which reclaims the clusters a crash leaked.
+        incompatible = h.incompatible_features | (INCOMPAT_DIRTY if h.version >= 3 else 0)
+        if h.autoclear_features or incompatible != h.incompatible_features:
+            self.write_header(attrs.evolve(h, autoclear_features=0, incompatible_features=incompatible))
+
+    def close_writes(self) -> None:
+        """Write everything back and clear the dirty bit: the image is consistent on disk."""
+        self.flush()
+        if self._refcounts is not None and self.header.dirty:
+            self.write_header(attrs.evolve(self.header, incompatible_features=self.header.incompatible_features & ~INCOMPAT_DIRTY))
+            self._refcounts = None  # the next metadata change marks it dirty again
 
     @property
     def refcounts(self):

@@ -364,7 +364,7 @@ class VfsnapOperations(pyfuse3.Operations):
         if handle is not None and handle.volume is not None:
             try:
                 if handle.writable and handle.volume.open_count == 1:
-                    handle.volume.flush()  # last writer gone: nothing stays only in memory
+                    handle.volume.close_writes()  # last one gone: nothing stays only in memory
             finally:
                 handle.volume.released(handle.snapshot)
 

@@ -148,6 +148,11 @@ class Share:
                     log.info("%s", line)
             except VfsnapError as exc:
                 log.error("%s: recovery failed: %s", volume.name, exc)
+        for name in self.volume_names():
+            try:
+                self.volume(name).repair_dirty_images()
+            except VfsnapError as exc:
+                log.error("%s: cannot repair after a crash: %s", name, exc)
 
     def flush_all(self) -> None:
         for volume in list(self._volumes.values()):

@@ -82,8 +82,7 @@ def take_snapshot(volume, snapshot: str, *, now: float | None = None) -> None:
 
 def _switch_to_new_top(volume, view: View) -> None:
     old_top = view.top
-    if getattr(old_top, "dirty", False):
-        old_top.flush()
+    old_top.close_writes()
     old_top.writable = False  # it is a backing file now: nothing may write it any more
     volume.rebuild_views()
 
@@ -177,12 +176,12 @@ async def _delete(volume, entry: dict) -> None:
             volume.write_info(info.without_snapshot(snapshot))
         else:
             volume.write_info(info.without_snapshot(snapshot, active=target_name))  # commit point
+            chain[index].close_writes()
             chain[index].writable = False
     finally:
         if child_name is None and merge.note_write in live.observers:
             live.observers.remove(merge.note_write)
-        if getattr(target_view.top, "dirty", False):
-            target_view.top.flush()
+        target_view.top.close_writes()
         volume.running_merge = None
     volume.rebuild_views()
     _finish_delete(volume, entry)

@@ -299,6 +299,11 @@ class Volume:
         if self._live_view is not None:
             self._live_view.flush()
 
+    def close_writes(self) -> None:
+        """The last writer closed the volume: write everything back, clear the dirty marks."""
+        if self._live_view is not None:
+            self._live_view.top.close_writes()
+
     @property
     def dirty(self) -> bool:
         return self._live_view is not None and self._live_view.dirty
@@ -311,13 +316,43 @@ class Volume:
         if new_size != view.size:
             view.resize(new_size, thick=self.share.options.thick)
 
+    # -- after a crash --------------------------------------------------------------------
+
+    def files(self) -> list[str]:
+        """The files of the volume named by `.info`, base first."""
+        info = self.info()
+        return [self.name] + sorted({info.active, *info.snapshots.values()} - {self.name})
+
+    def repair_dirty_images(self) -> list[str]:
+        """Rebuild the refcounts of images a crash left marked dirty (reclaims leaked clusters)."""
+        repaired = []
+        for name in self.files():
+            fd = self.share.dir.open_regular(name, os.O_RDONLY)
+            try:
+                head = os.pread(fd, 80, 0)
+            finally:
+                os.close(fd)
+            if len(head) < 80 or head[:4] != b"QFI\xfb" or int.from_bytes(head[4:8], "big") < 3:
+                continue
+            if not int.from_bytes(head[72:80], "big") & 1:
+                continue
+            image = self._open_file(name, "qcow2", writable=True)
+            try:
+                image.prepare_for_writing()  # rebuilds the refcounts of a dirty image
+                image.close_writes()
+            finally:
+                image.close()
+            repaired.append(name)
+            log.warning("%s: %s was left dirty by a crash; refcounts rebuilt", self.name, name)
+        return repaired
+
     # -- lifetime -------------------------------------------------------------------------
 
     def _retire(self, image: Image) -> None:
         """Close an image now, or once no open file uses this volume any more."""
-        if getattr(image, "dirty", False):
+        if image.writable:
             try:
-                image.flush()
+                image.close_writes()
             except VfsnapError as exc:
                 log.error("%s: flushing %s before closing it: %s", self.name, image.name, exc)
         if self.open_count:
@@ -343,9 +378,9 @@ class Volume:
 
     def close(self) -> None:
         for image in list(self._images.values()) + self._retired:
-            if getattr(image, "dirty", False):
+            if image.writable and not image.closed:
                 try:
-                    image.flush()
+                    image.close_writes()
                 except VfsnapError as exc:
                     log.error("%s: final flush of %s: %s", self.name, image.name, exc)
             image.close()
