@@ -1,0 +1,260 @@
+"""Crash safety (DESIGN.md invariant 3): a crash after any single write, fsync, rename or unlink
+of an operation loses no acknowledged write and leaves every view before or after it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.crash import (
+    SIZE,
+    VOLUME,
+    Outcome,
+    Scenario,
+    apply_acked,
+    apply_acked_async,
+    assert_writes,
+    build_chain,
+    make_writes,
+    sweep,
+)
+from vfsnap.share import snapshots
+from vfsnap.share.pool import Pool
+from vfsnap.share.rename import rename_volume
+
+CRASH_POINTS: dict[str, int] = {}
+
+
+def read_view(view) -> bytes:
+    return view.read(0, view.size)
+
+
+class Writes(Scenario):
+    """Guest writes into the active qcow2 overlay: allocation, L2 tables, refcount blocks (with
+    512-byte clusters a refcount block covers 128 KiB, so new blocks and a growing refcount
+    table are part of the sweep), and an extension of the disk (a larger L1 table)."""
+
+    def __init__(self, cluster_size: int, extend: bool = False):
+        self.cluster_size = cluster_size
+        self.extend = extend
+        self.name = f"writes-{cluster_size}" + ("-extend" if extend else "")
+
+    def prepare(self, share):
+        self.snapshot_contents, self.live = build_chain(share, 1, cluster_size=self.cluster_size)
+        self.writes = make_writes(7, 24)
+        if self.extend:
+            self.live += bytes(SIZE)
+
+    def operate(self, pool, shared):
+        if self.extend:
+            pool.volume(VOLUME).resize(2 * SIZE)
+        apply_acked(pool, self.writes, shared)
+
+    def verify(self, share, pool, outcome):
+        volume = pool.volume(VOLUME)
+        data = read_view(volume.live_view())
+        if self.extend:
+            assert len(data) in (SIZE, 2 * SIZE)
+            if outcome.acked:
+                assert len(data) == 2 * SIZE  # resized before the first acknowledged write
+        assert_writes(data, self.writes, outcome.acked, self.live[: len(data)])
+        assert read_view(volume.snapshot_view("s1")) == self.snapshot_contents[0]
+
+
+class TakeSnapshot(Scenario):
+    """mkdir between acknowledged writes: all or nothing, and it holds the data of its instant."""
+
+    name = "snapshot"
+
+    def prepare(self, share):
+        self.snapshot_contents, self.live = build_chain(share, 2)
+        self.before = make_writes(11, 4)
+        self.after = make_writes(12, 4, region=(SIZE // 2, SIZE))
+        at_snapshot = bytearray(self.live)
+        for w in self.before:
+            at_snapshot[w.offset : w.offset + len(w.data)] = w.data
+        self.at_snapshot = bytes(at_snapshot)
+
+    def operate(self, pool, shared):
+        apply_acked(pool, self.before, shared)
+        snapshots.take_snapshot(pool.volume(VOLUME), "new")
+        apply_acked(pool, self.after, shared, start=len(self.before))
+
+    def verify(self, share, pool, outcome):
+        volume = pool.volume(VOLUME)
+        names = volume.snapshots()
+        assert names[:2] == ["s1", "s2"]
+        if outcome.acked > len(self.before):
+            assert "new" in names  # writes after mkdir returned: the snapshot was committed
+        if "new" in names:
+            assert names == ["s1", "s2", "new"]
+            assert read_view(volume.snapshot_view("new")) == self.at_snapshot
+        else:
+            assert not (share / f"{VOLUME}.new").exists()
+        for i, content in enumerate(self.snapshot_contents):
+            assert read_view(volume.snapshot_view(f"s{i + 1}")) == content
+        assert_writes(read_view(volume.live_view()), self.before + self.after, outcome.acked, self.live)
+
+
+class DeleteSnapshot(Scenario):
+    """rmdir of a snapshot and its merge, with a guest writing meanwhile."""
+
+    def __init__(self, position: str, cluster_size: int = 4096):
+        self.position = position
+        self.cluster_size = cluster_size
+        self.name = f"delete-{position}-{cluster_size}"
+        self.victim = {"oldest": "s1", "middle": "s2", "newest": "s3"}[position]
+
+    def prepare(self, share):
+        self.snapshot_contents, self.live = build_chain(share, 3, cluster_size=self.cluster_size)
+        self.writes = make_writes(21, 6)
+
+    def operate(self, pool, shared):
+        volume = pool.volume(VOLUME)
+        snapshots.request_delete(volume, self.victim)
+
+        async def run():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(snapshots.run_pending, volume)
+                nursery.start_soon(apply_acked_async, pool, self.writes, shared)
+
+        trio.run(run)
+
+    def verify(self, share, pool, outcome):
+        volume = pool.volume(VOLUME)
+        assert not volume.sidecar().journal, "the merge was not finished on recovery"
+        names = volume.snapshots()
+        expected = [s for s in ("s1", "s2", "s3") if s != self.victim]
+        assert names in (expected, ["s1", "s2", "s3"])
+        for i, content in enumerate(self.snapshot_contents):
+            name = f"s{i + 1}"
+            if name in names:
+                assert read_view(volume.snapshot_view(name)) == content, name
+        if self.victim not in names:
+            assert not (share / f"{VOLUME}.{self.victim}").exists()
+        assert_writes(read_view(volume.live_view()), self.writes, outcome.acked, self.live)
+
+
+class Rename(Scenario):
+    def __init__(self, layers: int):
+        self.layers = layers
+        self.name = f"rename-{layers}"
+
+    def prepare(self, share):
+        self.snapshot_contents, self.live = build_chain(share, self.layers)
+
+    def operate(self, pool, shared):
+        rename_volume(pool.shares[0], VOLUME, "renamed")
+
+    def verify(self, share, pool, outcome):
+        names = pool.volume_names()
+        assert names in (["vol"], ["renamed"]), names
+        if outcome.done:
+            assert names == ["renamed"]
+        volume = pool.volume(names[0])
+        assert read_view(volume.live_view()) == self.live
+        assert volume.snapshots() == [f"s{i}" for i in range(1, self.layers + 1)]
+        for i, content in enumerate(self.snapshot_contents):
+            assert read_view(volume.snapshot_view(f"s{i + 1}")) == content
+        leftovers = [n for n in os.listdir(share) if not n.startswith(names[0])]
+        assert not leftovers, leftovers
+
+
+SCENARIOS = [
+    Writes(4096),
+    Writes(512),
+    Writes(65536, extend=True),
+    Writes(512, extend=True),
+    TakeSnapshot(),
+    *(DeleteSnapshot(position, size) for position in ("oldest", "middle", "newest") for size in (4096, 512)),
+    Rename(2),
+    Rename(6),
+]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.name)
+def test_crash_after_every_operation(scenario, tmp_path: Path):
+    every = int(os.environ.get("VFSNAP_CRASH_EVERY", "1"))
+    points = sweep(scenario, tmp_path, every=every)
+    CRASH_POINTS[scenario.name] = points
+    assert points > 10
+
+
+def test_crash_point_count_reported():
+    """The sweep above covers at least 1000 distinct crash points (issue 5)."""
+    total = sum(CRASH_POINTS.values())
+    print(f"\ncrash points swept: {total} ({CRASH_POINTS})")
+    if len(CRASH_POINTS) == len(SCENARIOS) and os.environ.get("VFSNAP_CRASH_EVERY", "1") == "1":
+        assert total >= 1000, CRASH_POINTS
+
+
+# -- real mounts: kill -9 at random moments -----------------------------------------------------------
+
+from tests.conftest import Mount, requires_fuse  # noqa: E402
+from tests.qemu import check as qemu_check  # noqa: E402
+from tests.test_snapshots_online import BLOCK, Writer, assert_prefix  # noqa: E402
+
+
+@requires_fuse
+@pytest.mark.parametrize("seed", range(int(os.environ.get("VFSNAP_KILL_RUNS", "6"))))
+def test_kill_9_during_snapshot_operations_under_a_writer(share, tmp_path, seed):
+    import random
+    import subprocess
+    import sys
+    import time
+
+    from tests.qemu import make_chain
+
+    rng = random.Random(seed)
+    total = 3000
+    make_chain(share, "vol", size=total * BLOCK, depth=0)
+    mnt = Mount(share, tmp_path / "mnt").start()
+    writer = Writer(mnt.volume("vol"), total)
+    writer.start()
+    taken = []
+    try:
+        time.sleep(rng.uniform(0.05, 0.3))
+        deadline = time.monotonic() + rng.uniform(0.1, 1.5)
+        step = 0
+        in_flight = None
+        while time.monotonic() < deadline:
+            step += 1
+            action = rng.choice(["mkdir", "mkdir", "rmdir"])
+            try:
+                if action == "mkdir" or not taken:
+                    in_flight = f"k{step}"
+                    os.mkdir(mnt.snapshot_dir("vol", in_flight))
+                    taken.append(in_flight)
+                else:
+                    in_flight = rng.choice(taken)
+                    taken.remove(in_flight)
+                    os.rmdir(mnt.snapshot_dir("vol", in_flight))
+                in_flight = None
+            except OSError:
+                break
+            time.sleep(rng.uniform(0, 0.05))
+    finally:
+        mnt.kill()
+    writer.join(30)
+    acked = writer.written
+    mnt = Mount(share, tmp_path / "mnt").start()
+    try:
+        subprocess.run([sys.executable, "-m", "vfsnap", "sync", str(mnt.path), "--timeout", "120"], check=True)
+        assert assert_prefix(mnt.volume("vol").read_bytes(), total=total) >= acked
+        listed = set(os.listdir(mnt.snapshot_dir("vol"))) - {"latest"}
+        for name in listed:
+            assert_prefix(mnt.snapshot("vol", name).read_bytes(), total=total)
+        # Every mkdir and rmdir that returned took effect; the one the kill interrupted is all
+        # or nothing.
+        assert set(taken) <= listed <= set(taken) | {in_flight}
+    finally:
+        mnt.stop()
+    assert not mnt.unexpected_errors(), mnt.unexpected_errors()
+    result = subprocess.run([sys.executable, "-m", "vfsnap", "check", str(share)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in os.listdir(share):
+        if name.startswith("vol.") and not name.endswith((".info", ".json")):
+            assert qemu_check(share / name)["exit"] == 0, name
