@@ -1,7 +1,8 @@
 """A byte-bounded LRU for metadata tables, shared by every image of a mount.
 
-Whatever sizes the images claim, clean tables held here never exceed the mount's
-`table_cache_size`; an image keeps its *dirty* tables itself until they are written back.
+Whatever sizes the images claim, the tables held here plus every open image's L1 table never
+exceed the mount's `table_cache_size` (an image whose L1 would not fit fails to open, with
+EIO); an image keeps its *dirty* L2 tables itself until they are written back (a bounded number).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ class TableCache:
         self.capacity = capacity
         self._tables: OrderedDict[tuple[int, int], tuple[object, int]] = OrderedDict()
         self._bytes = 0
+        self._pinned = 0
         self._owner_ids = itertools.count(1)
 
     def new_owner(self) -> int:
@@ -25,7 +27,27 @@ class TableCache:
 
     @property
     def used_bytes(self) -> int:
-        return self._bytes
+        return self._bytes + self._pinned
+
+    def pin(self, nbytes: int, *, what: str) -> None:
+        """Count a table held outside the LRU (an L1 table) against the same budget."""
+        from vfsnap.errors import VfsnapError
+
+        if self._pinned + nbytes > self.capacity:
+            raise VfsnapError(
+                f"{what}: its {nbytes}-byte L1 table does not fit in table_cache_size={self.capacity} "
+                f"({self._pinned} bytes already held by other images)"
+            )
+        self._pinned += nbytes
+        self._shrink()
+
+    def unpin(self, nbytes: int) -> None:
+        self._pinned = max(0, self._pinned - nbytes)
+
+    def _shrink(self) -> None:
+        while self._bytes + self._pinned > self.capacity and self._tables:
+            _, (_, size) = self._tables.popitem(last=False)
+            self._bytes -= size
 
     def get(self, owner: int, offset: int):
         key = (owner, offset)
@@ -42,7 +64,7 @@ class TableCache:
             self._bytes -= old[1]
         self._tables[key] = (table, nbytes)
         self._bytes += nbytes
-        while self._bytes > self.capacity and len(self._tables) > 1:
+        while self._bytes + self._pinned > self.capacity and len(self._tables) > 1:
             _, (_, size) = self._tables.popitem(last=False)
             self._bytes -= size
 

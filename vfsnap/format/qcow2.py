@@ -51,7 +51,13 @@ class Qcow2Image(Qcow2Writer, Image):
         self.subcluster_size = self.cluster_size // SUBCLUSTERS if self.extended_l2 else self.cluster_size
         self._cache = table_cache
         self._cache_owner = table_cache.new_owner()
-        self.l1 = self._load_l1()
+        self._pinned = h.l1_size * 8
+        table_cache.pin(self._pinned, what=name)
+        try:
+            self.l1 = self._load_l1()
+        except BaseException:
+            table_cache.unpin(self._pinned)
+            raise
         self._metadata_clusters = self._find_metadata_clusters()
         self._last_compressed: tuple[int, bytes] | None = None
         # Write state (see "writing" below); None until the first write prepares the image.
@@ -104,7 +110,9 @@ class Qcow2Image(Qcow2Writer, Image):
         return self.header.backing_format
 
     def close(self) -> None:
-        self._cache.discard_owner(self._cache_owner)
+        if not self.closed:
+            self._cache.discard_owner(self._cache_owner)
+            self._cache.unpin(self._pinned)
         super().close()
 
     # -- L2 tables ------------------------------------------------------------------------

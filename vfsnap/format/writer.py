@@ -287,6 +287,8 @@ class Qcow2Writer:
             return
         refcounts = self._refcounts
         cb = self.cluster_bits
+        self._cache.pin((needed - len(self.l1)) * 8, what=self.name)
+        self._pinned += (needed - len(self.l1)) * 8
         new_l1 = array("Q", self.l1)
         new_l1.extend([0] * (needed - len(new_l1)))
         clusters = -(-(needed * 8) // self.cluster_size)

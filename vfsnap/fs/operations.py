@@ -37,6 +37,15 @@ DIR_MODE = stat.S_IFDIR | 0o755
 RO_BITS = ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
 
 
+def directory_mode(file_mode: int) -> int:
+    """Permission bits for a directory standing for a file: read gives r-x, write gives w."""
+    mode = stat.S_IMODE(file_mode) & 0o666
+    for read_bit, exec_bit in ((stat.S_IRUSR, stat.S_IXUSR), (stat.S_IRGRP, stat.S_IXGRP), (stat.S_IROTH, stat.S_IXOTH)):
+        if mode & read_bit:
+            mode |= exec_bit
+    return mode
+
+
 def fuse_error(exc: BaseException, where: str) -> pyfuse3.FUSEError:
     """The one place where exceptions become errnos for the kernel."""
     if isinstance(exc, pyfuse3.FUSEError):
@@ -104,13 +113,21 @@ class VfsnapOperations(pyfuse3.Operations):
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = now
         attr.st_uid = os.getuid()
         attr.st_gid = os.getgid()
-        if kind in ("root", "volumes", "snapshots", "snapdir", "snapshot"):
+        if kind in ("root", "volumes", "snapshots"):
             attr.st_mode = DIR_MODE
             attr.st_nlink = 2
+        elif kind in ("snapdir", "snapshot"):
+            # Whoever may write the volume may take and delete its snapshots: the directory
+            # gets the volume's owner and its permission bits (r -> r-x, w -> w).
+            volume = self.pool.volume(key[1])
+            base = volume.base_stat()
+            attr.st_mode = stat.S_IFDIR | directory_mode(base.st_mode)
+            attr.st_uid, attr.st_gid = base.st_uid, base.st_gid
+            attr.st_nlink = 2
             if kind == "snapshot":
-                volume = self.pool.volume(key[1])
                 created_ns = int(volume.snapshot_created(key[2]) * 1e9)
                 attr.st_mtime_ns = attr.st_ctime_ns = attr.st_atime_ns = created_ns
+                attr.st_mode &= RO_BITS
         elif kind == "control":
             attr.st_mode = stat.S_IFREG | 0o444
             attr.st_nlink = 1
@@ -439,7 +456,7 @@ class VfsnapOperations(pyfuse3.Operations):
         if key[0] != "volumes" or self.pool.read_only:
             self._refuse_create(parent_inode)
         text = os.fsdecode(name)
-        volume = self.pool.create_volume(text, 0, mode=stat.S_IMODE(mode) & ~ctx.umask)
+        volume = self.pool.create_volume(text, 0, mode=stat.S_IMODE(mode) & ~ctx.umask, owner=(ctx.uid, ctx.gid))
         child_key = ("volume", text)
         self.inodes.retire(child_key)  # a fresh inode: never the cached pages of an older one
         ino = self.inodes.ino(child_key)

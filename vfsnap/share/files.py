@@ -48,7 +48,8 @@ class ShareDir:
         """Open a regular file of the share; symlinks and other file types are refused."""
         _check_plain(name)
         try:
-            fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=self.fd)
+            # O_NONBLOCK: opening a FIFO planted on the share must not wait for a writer.
+            fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode, dir_fd=self.fd)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise CorruptImage(f"{name}: is a symlink; images must be regular files on the share") from None
@@ -58,6 +59,7 @@ class ShareDir:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise CorruptImage(f"{name}: not a regular file")
+        os.set_blocking(fd, True)
         return fd
 
     def read_small(self, name: str, limit: int = 1 << 20) -> bytes | None:

@@ -64,13 +64,13 @@ class Pool:
                 continue
         raise NotFound(f"no volume {name!r}")
 
-    def create_volume(self, name: str, size: int = 0, *, mode: int = 0o644) -> Volume:
+    def create_volume(self, name: str, size: int = 0, *, mode: int = 0o644, owner: tuple[int, int] | None = None) -> Volume:
         for share in self.shares:
             if share.is_volume(name):
                 from vfsnap.errors import AlreadyExists
 
                 raise AlreadyExists(f"volume {name} exists on {share.path}")
-        return self.place(size).create_volume(name, size, mode=mode)
+        return self.place(size).create_volume(name, size, mode=mode, owner=owner)
 
     def place(self, size: int) -> Share:
         """The share a new volume of `size` bytes goes to (Cinder's rules: see placement.py)."""

@@ -174,7 +174,7 @@ class Share:
 
     # -- creating and removing volumes ----------------------------------------------------
 
-    def create_volume(self, name: str, size: int = 0, *, mode: int = 0o644) -> Volume:
+    def create_volume(self, name: str, size: int = 0, *, mode: int = 0o644, owner: tuple[int, int] | None = None) -> Volume:
         """Create the base file of a new volume in the mount's format, and record the format."""
         name = check_volume_name(name)
         if self.read_only:
@@ -190,6 +190,8 @@ class Share:
             raise AlreadyExists(f"{name} already exists on {self.path}") from None
         try:
             try:
+                if owner is not None and os.geteuid() == 0:
+                    os.fchown(fd, *owner)  # the volume belongs to whoever created it
                 if image_format == "qcow2":
                     create_qcow2(fd, size)
                 elif size:
