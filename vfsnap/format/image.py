@@ -60,6 +60,9 @@ class Image:
     def read_compressed(self, cluster: CompressedCluster) -> bytes:
         raise NotImplementedError
 
+    def reload(self) -> None:
+        """Read the metadata again (another host may have changed the file)."""
+
     def flush(self) -> None:
         """Make writes durable (images that are written override this)."""
 

@@ -115,6 +115,27 @@ class Qcow2Image(Qcow2Writer, Image):
             self._cache.unpin(self._pinned)
         super().close()
 
+    def reload(self) -> None:
+        """Read header, L1 table and metadata map again; forget cached L2 tables.
+
+        Only for an image with nothing of ours unwritten (another host wrote it meanwhile).
+        """
+        assert not self.dirty, "reloading an image with unwritten changes"
+        self.file_size = os.fstat(self.fd).st_size
+        header = read_header(self.fd, self.file_size, name=self.name)
+        pinned = header.l1_size * 8
+        if pinned > self._pinned:
+            self._cache.pin(pinned - self._pinned, what=self.name)
+        else:
+            self._cache.unpin(self._pinned - pinned)
+        self._pinned = pinned
+        self.header = header
+        self.l1 = self._load_l1()
+        self._metadata_clusters = self._find_metadata_clusters()
+        self._cache.discard_owner(self._cache_owner)
+        self._last_compressed = None
+        self._refcounts = None
+
     # -- L2 tables ------------------------------------------------------------------------
 
     def _l2_table(self, l1_index: int) -> array | None:

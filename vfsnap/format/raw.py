@@ -1,4 +1,6 @@
-"""Raw images: the guest offset is the file offset, and the file size is the virtual size."""
+"""Raw images: the guest offset is the file offset, and the file size is the virtual size,
+rounded up to whole 512-byte sectors as QEMU counts it (a 1000-byte file is a 1024-byte disk
+whose last 24 bytes read as zeros)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ class RawImage(Image):
 
     def __init__(self, fd: int, name: str, *, writable: bool):
         super().__init__(fd, name, writable=writable)
-        self._size = os.fstat(fd).st_size
+        self._size = _sectors(os.fstat(fd).st_size)
 
     @property
     def size(self) -> int:
@@ -24,8 +26,8 @@ class RawImage(Image):
     def granularity(self) -> int:
         return 512
 
-    def refresh_size(self) -> None:
-        self._size = os.fstat(self.fd).st_size
+    def reload(self) -> None:
+        self._size = _sectors(os.fstat(self.fd).st_size)
 
     def map_range(self, start: int, end: int) -> list[tuple[int, int, int, object]]:
         end = min(end, self._size)
@@ -71,6 +73,7 @@ class RawImage(Image):
             self._dirty = False
 
     def resize(self, new_size: int, *, thick: bool = False) -> None:
+        new_size = _sectors(new_size)
         if new_size < self._size:
             raise NotPermitted(f"{self.name}: shrinking a volume is not supported")
         if not self.writable:
@@ -84,6 +87,10 @@ class RawImage(Image):
         except OSError as exc:
             raise _write_error(exc, self.name) from None
         self._size = new_size
+
+
+def _sectors(size: int) -> int:
+    return -(-size // 512) * 512
 
 
 def _write_error(exc: OSError, name: str) -> VfsnapError:

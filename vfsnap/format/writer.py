@@ -5,6 +5,7 @@ copy-on-write, L2/L1 updates, resizing, header rewrites, and the ordered write-b
 from __future__ import annotations
 
 import errno as errno_codes
+import logging
 import os
 from array import array
 
@@ -22,6 +23,8 @@ from vfsnap.format.tables import (
     compressed_span,
     table_to_bytes,
 )
+
+log = logging.getLogger(__name__)
 
 # Write back dirty L2 tables once this many are held (bounds memory and what a crash loses).
 MAX_DIRTY_L2_TABLES = 256
@@ -62,12 +65,14 @@ class Qcow2Writer:
         # metadata changes: a crash then leaves the bit set, and the next mount (or QEMU's next
         # read-write open) rebuilds the refcounts, which reclaims the clusters a crash leaked.
         incompatible = h.incompatible_features | (INCOMPAT_DIRTY if h.version >= 3 else 0)
+        log.debug("%s: marked dirty for writing", self.name)
         if h.autoclear_features or incompatible != h.incompatible_features:
             self.write_header(attrs.evolve(h, autoclear_features=0, incompatible_features=incompatible))
 
     def close_writes(self) -> None:
         """Write everything back and clear the dirty bit: the image is consistent on disk."""
         self.flush()
+        log.debug("%s: close_writes (refcounts %s, dirty %s)", self.name, self._refcounts is not None, self.header.dirty)
         if self._refcounts is not None and self.header.dirty:
             self.write_header(attrs.evolve(self.header, incompatible_features=self.header.incompatible_features & ~INCOMPAT_DIRTY))
             self._refcounts = None  # the next metadata change marks it dirty again

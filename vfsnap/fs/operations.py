@@ -24,6 +24,7 @@ from vfsnap.fs import control
 from vfsnap.fs.inodes import CONTROL, ROOT, SNAPSHOTS, VOLUMES, InodeTable
 from vfsnap.names import is_snapshot_name
 from vfsnap.share import snapshots
+from vfsnap.share.locks import ChainChange
 from vfsnap.share.pool import Pool
 
 log = logging.getLogger(__name__)
@@ -347,7 +348,7 @@ class VfsnapOperations(pyfuse3.Operations):
         return self._open_handle(Handle(view, volume, key, bool(writing)), keep_cache)
 
     def _open_handle(self, handle: Handle, keep_cache: bool) -> pyfuse3.FileInfo:
-        handle.volume.opened(handle.snapshot)
+        handle.volume.opened(handle.snapshot, writing=handle.writable)
         return pyfuse3.FileInfo(fh=self._new_handle(handle), keep_cache=keep_cache)
 
     def _new_handle(self, handle: Handle) -> int:
@@ -380,10 +381,10 @@ class VfsnapOperations(pyfuse3.Operations):
         handle = self._handles.pop(fh, None)
         if handle is not None and handle.volume is not None:
             try:
-                if handle.writable and handle.volume.open_count == 1:
-                    handle.volume.close_writes()  # last one gone: nothing stays only in memory
+                if handle.writable and handle.volume.writers == 1:
+                    handle.volume.close_writes()  # last writer gone: nothing stays only in memory
             finally:
-                handle.volume.released(handle.snapshot)
+                handle.volume.released(handle.snapshot, writing=handle.writable)
 
     @handler
     async def flush(self, fh):
@@ -419,7 +420,7 @@ class VfsnapOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         text = os.fsdecode(name)
         volume = self.pool.volume(key[1])
-        async with volume.chain_lock:
+        async with ChainChange(volume):
             snapshots.take_snapshot(volume, text)
         child_key = ("snapshot", key[1], text)
         self.inodes.retire(child_key)
@@ -440,7 +441,8 @@ class VfsnapOperations(pyfuse3.Operations):
         if text == LATEST or not is_snapshot_name(text):
             raise pyfuse3.FUSEError(errno.ENOENT if text != LATEST else errno.ENOTDIR)
         volume = self.pool.volume(key[1])
-        snapshots.request_delete(volume, text)
+        async with ChainChange(volume):
+            snapshots.request_delete(volume, text)
         self.inodes.retire(("snapshot", key[1], text))
         self.inodes.retire(("snapfile", key[1], text))
         self.start_merges(volume)
@@ -485,7 +487,9 @@ class VfsnapOperations(pyfuse3.Operations):
         if self.pool.read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
         text = os.fsdecode(name)
-        self.pool.remove_volume(text)
+        volume = self.pool.volume(text)
+        async with ChainChange(volume):
+            self.pool.remove_volume(text)
         self._retire_volume(text)
 
     def _retire_volume(self, volume: str) -> None:
@@ -506,7 +510,7 @@ class VfsnapOperations(pyfuse3.Operations):
         if old == new:
             return
         volume = self.pool.volume(old)
-        async with volume.chain_lock:
+        async with ChainChange(volume):
             self.pool.rename_volume(old, new)
         self._retire_volume(old)
         self._retire_volume(new)

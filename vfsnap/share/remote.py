@@ -156,10 +156,25 @@ def ensure_mounted(entry: ShareEntry, fstype: str, options: MountOptions) -> str
     return path
 
 
+# Several hosts read what one wrote (`.info` renamed into place, images written elsewhere): the
+# glusterfs FUSE client must not answer from the kernel's caches of names, attributes or pages
+# (a page of a base image read here before another host wrote it would stay stale).
+GLUSTERFS_COHERENCE_OPTIONS = ("attribute-timeout=0", "entry-timeout=0", "negative-timeout=0", "direct-io-mode=enable")
+
+
+def _mount_options(fstype: str, configured: str | None) -> str | None:
+    parts = [p for p in (configured or "").split(",") if p]
+    if fstype == "glusterfs":
+        given = {p.split("=", 1)[0] for p in parts}
+        parts += [o for o in GLUSTERFS_COHERENCE_OPTIONS if o.split("=", 1)[0] not in given]
+    return ",".join(parts) or None
+
+
 def _mount_with_retries(entry: ShareEntry, fstype: str, path: str, options: MountOptions) -> None:
     command = [_command("mount"), "-t", fstype]
-    if options.share_mount_options:
-        command += ["-o", options.share_mount_options]
+    mount_options = _mount_options(fstype, options.share_mount_options)
+    if mount_options:
+        command += ["-o", mount_options]
     command += [*entry.flags, entry.address, path]
     attempts = max(1, options.share_mount_attempts)
     for attempt in range(1, attempts + 1):

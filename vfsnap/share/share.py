@@ -7,6 +7,7 @@ file, not a vfsnap sidecar or temporary file, and not named as an image by any v
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -17,10 +18,10 @@ import attrs
 from vfsnap.errors import AlreadyExists, Busy, CorruptImage, NoSpace, NotFound, ReadOnly, VfsnapError
 from vfsnap.format import TableCache
 from vfsnap.format.create import create_qcow2
-from vfsnap.names import INFO_SUFFIX, check_volume_name, info_file, is_volume_name, sidecar_file
+from vfsnap.names import INFO_SUFFIX, SIDECAR_SUFFIX, check_volume_name, info_file, is_volume_name, sidecar_file
 from vfsnap.options import MountOptions
 from vfsnap.share.files import ShareDir
-from vfsnap.share.info import Sidecar, parse_info
+from vfsnap.share.info import Sidecar, parse_info, parse_sidecar
 from vfsnap.share.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -55,31 +56,47 @@ class Share:
 
     # -- which files are volumes ----------------------------------------------------------
 
-    def _overlays_named_by(self, info_name: str) -> frozenset[str]:
-        """Files a `.info` names (cached by the file's identity and mtime)."""
-        st = self.dir.stat(info_name)
+    def _cached_names(self, file_name: str, parse) -> frozenset[str]:
+        """Image names a small document names (cached by the file's identity and mtime)."""
+        st = self.dir.stat(file_name)
         if st is None:
             return frozenset()
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-        cached = self._overlay_cache.get(info_name)
+        cached = self._overlay_cache.get(file_name)
         if cached is not None and cached[0] == stamp:
             return cached[1]
         try:
-            info = parse_info(self.dir.read_small(info_name) or b"{}", name=info_name)
-            names = frozenset(info.snapshots.values()) | {info.active}
+            names = frozenset(parse(self.dir.read_small(file_name) or b"{}", file_name))
         except CorruptImage as exc:
             log.warning("%s", exc)
             names = frozenset()
-        names = names - {info_name[: -len(INFO_SUFFIX)]}
-        self._overlay_cache[info_name] = (stamp, names)
+        self._overlay_cache[file_name] = (stamp, names)
         return names
+
+    def _overlays_of(self, volume: str) -> frozenset[str]:
+        """The files of `volume` other than its base: what its `.info` names, and the overlays
+        its journal names (a snapshot another host is taking right now: file made, not yet
+        committed to `.info`). The journal entry is written before the file is created."""
+
+        def from_info(data: bytes, name: str):
+            info = parse_info(data, name=name)
+            return {info.active, *info.snapshots.values()}
+
+        def from_journal(data: bytes, name: str):
+            return {e.get("overlay") for e in parse_sidecar(data, name=name).journal} - {None}
+
+        names = self._cached_names(volume + INFO_SUFFIX, from_info)
+        names |= self._cached_names(sidecar_file(volume), from_journal)
+        return names - {volume}
 
     def volume_names(self) -> list[str]:
         entries = self.dir.listdir()
+        present = set(entries)
         overlays: set[str] = set()
         for name in entries:
-            if name.endswith(INFO_SUFFIX):
-                overlays |= self._overlays_named_by(name)
+            for suffix in (INFO_SUFFIX, SIDECAR_SUFFIX):
+                if name.endswith(suffix) and name[: -len(suffix)] in present:
+                    overlays |= self._overlays_of(name[: -len(suffix)])
         volumes = []
         for name in entries:
             if name in overlays or not is_volume_name(name):
@@ -96,12 +113,11 @@ class Share:
         st = self.dir.stat(name)
         if st is None or not stat.S_ISREG(st.st_mode):
             return False
-        # An overlay of another volume is not a volume: look only at the `.info` files that
-        # could name it (volume `a` for file `a.b`, `a.b` for `a.b.c`, ...).
+        # An overlay of another volume is not a volume: look only at the volumes that could
+        # own it (volume `a` for file `a.b`, `a.b` for `a.b.c`, ...).
         parts = name.split(".")
         for i in range(1, len(parts)):
-            owner = ".".join(parts[:i])
-            if name in self._overlays_named_by(owner + INFO_SUFFIX):
+            if name in self._overlays_of(".".join(parts[:i])):
                 return False
         return True
 
@@ -143,14 +159,20 @@ class Share:
             log.info("%s: finishing the interrupted rename of %s to %s", self.path, entry["from"], entry["to"])
             run_rename(self, entry)
         for volume in self.volumes_with_journal():
-            try:
-                for line in recover(volume):
-                    log.info("%s", line)
-            except VfsnapError as exc:
-                log.error("%s: recovery failed: %s", volume.name, exc)
+            with _held_by_us(volume) as ours:
+                if not ours:
+                    continue  # another host is working on it right now
+                try:
+                    for line in recover(volume):
+                        log.info("%s", line)
+                except VfsnapError as exc:
+                    log.error("%s: recovery failed: %s", volume.name, exc)
         for name in self.volume_names():
             try:
-                self.volume(name).repair_dirty_images()
+                volume = self.volume(name)
+                with _held_by_us(volume) as ours:
+                    if ours:  # a dirty image another host is writing is not a crash's leftover
+                        volume.repair_dirty_images()
             except VfsnapError as exc:
                 log.error("%s: cannot repair after a crash: %s", name, exc)
 
@@ -183,6 +205,7 @@ class Share:
             if self.dir.exists(file_name):
                 raise AlreadyExists(f"{file_name} already exists on {self.path}")
         image_format = self.options.volume_format
+        size = -(-size // 512) * 512  # whole sectors, as QEMU sees any disk
         try:
             fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode & 0o7777,
                          dir_fd=self.dir.fd)
@@ -243,6 +266,24 @@ class Share:
             available=st.f_bavail * st.f_frsize,
             block_size=st.f_frsize,
         )
+
+
+@contextlib.contextmanager
+def _held_by_us(volume):
+    """Both share locks of a volume for a moment, or False when another host holds one."""
+    from vfsnap.share.locks import CHAIN, WRITER
+
+    locks = volume.locks
+    ours = locks.try_lock(CHAIN)
+    if ours and not locks.try_lock(WRITER):
+        locks.unlock(CHAIN)
+        ours = False
+    try:
+        yield ours
+    finally:
+        if ours:
+            locks.unlock(WRITER)
+            locks.unlock(CHAIN)
 
 
 def open_share(path: str, options: MountOptions) -> Share:

@@ -31,6 +31,7 @@ from vfsnap.chain.view import View
 from vfsnap.errors import AlreadyExists, Busy, CorruptImage, NotFound, ReadOnly, VfsnapError
 from vfsnap.format.create import create_qcow2
 from vfsnap.names import check_snapshot_name, overlay_file
+from vfsnap.share.locks import ChainChange
 
 log = logging.getLogger(__name__)
 
@@ -105,31 +106,46 @@ def request_delete(volume, snapshot: str) -> None:
     log.info("%s: snapshot %s deleted; merging %s in the background", volume.name, snapshot, overlay)
 
 
-async def run_pending(volume) -> None:
-    """Run the journalled deletions of `volume`, oldest first, until none is left."""
+async def run_pending(volume, *, retry_seconds: float = 5.0) -> None:
+    """Run the journalled deletions of `volume`, oldest first, until none is left.
+
+    While another host holds the volume (it is changing its chain, or writing it), wait and try
+    again: that host may well be running the same merge, and the journal says when it is done.
+    """
     if volume.runner_active or volume.share.read_only:
         return
     volume.runner_active = True
     try:
         while True:
-            entries = [e for e in volume.sidecar().journal if e["op"] == "delete" and e["snapshot"] not in volume.failed]
-            if not entries:
+            if not _pending(volume):
                 return
-            entry = entries[0]
-            async with volume.chain_lock:
-                try:
-                    await _delete(volume, entry)
-                except VfsnapError as exc:
-                    # Leave the entry: the snapshot stays hidden, `vfsnap status` shows the
-                    # failure, and the next mount (or a retry of rmdir) tries again.
-                    log.error("%s: deleting snapshot %s failed: %s", volume.name, entry["snapshot"], exc)
-                    volume.failed[entry["snapshot"]] = str(exc)
-                except OSError as exc:
-                    log.error("%s: deleting snapshot %s failed: %s", volume.name, entry["snapshot"], exc)
-                    volume.failed[entry["snapshot"]] = os.strerror(exc.errno or 5)
+            try:
+                async with ChainChange(volume):
+                    entries = _pending(volume)  # again, under the lock: another host may have run it
+                    if not entries:
+                        return
+                    await _run_entry(volume, entries[0])
+            except Busy as exc:
+                log.info("%s: %s; merge retried in %s s", volume.name, exc, retry_seconds)
+                await trio.sleep(retry_seconds)
     finally:
         volume.runner_active = False
         volume.running_merge = None
+
+
+def _pending(volume) -> list[dict]:
+    return [e for e in volume.sidecar().journal if e["op"] == "delete" and e["snapshot"] not in volume.failed]
+
+
+async def _run_entry(volume, entry: dict) -> None:
+    try:
+        await _delete(volume, entry)
+    except (VfsnapError, OSError) as exc:
+        # Leave the entry: the snapshot stays hidden, `vfsnap status` shows the failure, and
+        # the next mount (or `vfsnap sync --retry`) tries again.
+        message = str(exc) if isinstance(exc, VfsnapError) else os.strerror(exc.errno or 5)
+        log.error("%s: deleting snapshot %s failed: %s", volume.name, entry["snapshot"], message)
+        volume.failed[entry["snapshot"]] = message
 
 
 async def _delete(volume, entry: dict) -> None:
@@ -188,10 +204,22 @@ async def _delete(volume, entry: dict) -> None:
 
 
 def _rebase(volume, child: str, backing: str) -> None:
-    """Point `child` at `backing` (qemu-img rebase -u), durable when this returns."""
-    image = volume.reopen(child, writable=True)
-    image.set_backing(backing, volume.format_of(backing))
-    if child != volume.info().active:
+    """Point `child` at `backing` (qemu-img rebase -u), durable when this returns.
+
+    The active image is rebased through the object its writers use (one object per file, so
+    no stale copy of the header can be written back later); any other through a short-lived
+    read-write one, after which the volume's read-only object is reopened.
+    """
+    image = volume._images.get(child)
+    if image is not None and image.writable:
+        image.set_backing(backing, volume.format_of(backing))
+        return
+    temporary = volume._open_file(child, "qcow2", writable=True)
+    try:
+        temporary.set_backing(backing, volume.format_of(backing))
+    finally:
+        temporary.close()
+    if image is not None:
         volume.reopen(child, writable=False)
 
 

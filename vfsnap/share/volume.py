@@ -22,8 +22,13 @@ from vfsnap.errors import CorruptImage, NotFound, NotPermitted, VfsnapError
 from vfsnap.format import Image, Qcow2Image, open_image, probe_format
 from vfsnap.names import info_file, sidecar_file
 from vfsnap.share.info import Sidecar, VolumeInfo, parse_info, parse_sidecar
+from vfsnap.share.locks import VolumeLocks
 
 log = logging.getLogger(__name__)
+
+# How long a `.info` read is trusted before it is read again (another host may change it;
+# reading the content, not trusting mtimes, also works under NFS attribute caching).
+INFO_RECHECK_SECONDS = 0.5
 
 
 class Volume:
@@ -32,13 +37,16 @@ class Volume:
         self.name = name
         self._images: dict[str, Image] = {}
         self._info: VolumeInfo | None = None
-        self._info_stamp: tuple | None = None
+        self._info_bytes: bytes | None = None
+        self._info_checked = 0.0
         self._sidecar: Sidecar | None = None
         self._live_view: View | None = None
         self._snapshot_views: dict[str, View] = {}
         self._retired: list[Image] = []
         self.open_count = 0
+        self.writers = 0
         self.open_snapshots: Counter[str] = Counter()
+        self.locks = VolumeLocks(share.dir, name)
         # Chain changes of this volume happen one at a time (DESIGN.md section 3).
         self.chain_lock = trio.Lock()
         # The merge running now, for `vfsnap status` (set by vfsnap.share.snapshots).
@@ -65,38 +73,38 @@ class Volume:
     # -- .info and sidecar ----------------------------------------------------------------
 
     def info(self) -> VolumeInfo:
-        """The volume's `.info` (re-read when the file changed on the share)."""
-        stamp = self._stamp()
-        if self._info is None or stamp != self._info_stamp:
-            changed = self._info is not None
-            self._info = self._read_info()
-            self._info_stamp = stamp
-            if changed:
-                # Changed by someone else (Cinder, another host): reopen everything, but keep
-                # the view objects, which open files hold.
-                log.info("%s: %s changed on the share; reopening the chain", self.name, self.info_name)
-                for image in self._images.values():
-                    self._retire(image)
-                self._images.clear()
-                self._sidecar = None
-                self.rebuild_views()
-        return self._info
+        """The volume's `.info`, read again when the last read is older than a moment."""
+        if self._info is not None and time.monotonic() - self._info_checked < INFO_RECHECK_SECONDS:
+            return self._info
+        return self.refresh()
 
-    def _stamp(self) -> tuple | None:
-        st = self.share.dir.stat(self.info_name)
-        return None if st is None else (st.st_ino, st.st_mtime_ns, st.st_size)
-
-    def _read_info(self) -> VolumeInfo:
+    def refresh(self) -> VolumeInfo:
+        """Read `.info` now; if someone else (Cinder, another host) changed it, reopen the chain
+        but keep the view objects, which open files hold."""
         data = self.share.dir.read_small(self.info_name)
-        if data is None:
-            return VolumeInfo(active=self.name)
-        return parse_info(data, name=self.info_name)
+        self._info_checked = time.monotonic()
+        if self._info is not None and data == self._info_bytes:
+            self._sidecar = None  # re-read too: another host may have journalled a deletion
+            return self._info
+        changed = self._info is not None
+        self._info = VolumeInfo(active=self.name) if data is None else parse_info(data, name=self.info_name)
+        self._info_bytes = data
+        if changed:
+            log.info("%s: %s changed on the share; reopening the chain", self.name, self.info_name)
+            for image in self._images.values():
+                self._retire(image)
+            self._images.clear()
+            self._sidecar = None
+            self.rebuild_views()
+        return self._info
 
     def write_info(self, info: VolumeInfo) -> None:
         """Replace `.info` atomically (the commit point of every chain change)."""
-        self.share.dir.write_atomic(self.info_name, info.to_json())
+        data = info.to_json()
+        self.share.dir.write_atomic(self.info_name, data)
         self._info = info
-        self._info_stamp = self._stamp()
+        self._info_bytes = data
+        self._info_checked = time.monotonic()
 
     def sidecar(self) -> Sidecar:
         """vfsnap's record of the volume, made the first time vfsnap meets the volume."""
@@ -193,8 +201,10 @@ class Volume:
         Every view gets the new object; the old one is flushed and retired.
         """
         old = self._images.get(name)
-        if old is not None and getattr(old, "dirty", False):
-            old.flush()
+        if old is not None and old.writable:
+            # Clean on disk first: the new object reads the header, and must not see (and later
+            # write back) a dirty mark the old one is about to clear.
+            old.close_writes()
         image = self._open_file(name, self.format_of(name), writable=writable)
         self._images[name] = image
         if old is not None:
@@ -360,13 +370,56 @@ class Volume:
         else:
             image.close()
 
-    def opened(self, snapshot: str | None = None) -> None:
+    def opened(self, snapshot: str | None = None, *, writing: bool = False) -> None:
+        if writing and not self.writers and not self.share.read_only:
+            self.locks.acquire_writer()  # EBUSY while another host writes it
+        if not self.writers:
+            # Nobody here holds the volume for writing: another host may have changed its chain
+            # (`.info`) or written its active image since we last looked. With the writer lock
+            # just taken, nobody else can change them any more.
+            try:
+                self.refresh()
+                self._revalidate_active()
+            except BaseException:
+                if writing:
+                    self.locks.release_writer()
+                raise
         self.open_count += 1
+        if writing:
+            self.writers += 1
         if snapshot is not None:
             self.open_snapshots[snapshot] += 1
 
-    def released(self, snapshot: str | None = None) -> None:
+    def reload_all(self) -> None:
+        """Forget every cached image and reopen the chain (another host may have written it).
+
+        Taken before a chain change when nothing here writes the volume: images another host
+        wrote while we held them open are read afresh, never merged from stale tables.
+        """
+        self.refresh()
+        for image in self._images.values():
+            self._retire(image)
+        self._images.clear()
+        self._sidecar = None
+        self.rebuild_views()
+
+    def _revalidate_active(self) -> None:
+        """Another host may have written the active image since the volume was last open here
+        (that changes its tables without changing `.info`; mtimes are too coarse to tell):
+        reload its header and L1 table and forget what was resolved through it."""
+        if self._live_view is None:
+            return
+        top = self._live_view.top
+        # A new descriptor, not just a re-read: network filesystems (NFS, GlusterFS) revalidate
+        # their caches on open (close-to-open consistency), not on every read of an open file.
+        self.reopen(top.name, writable=top.writable)
+
+    def released(self, snapshot: str | None = None, *, writing: bool = False) -> None:
         self.open_count -= 1
+        if writing:
+            self.writers -= 1
+            if not self.writers and not self.chain_lock.locked():
+                self.locks.release_writer()
         if snapshot is not None:
             self.open_snapshots[snapshot] -= 1
             if not self.open_snapshots[snapshot]:
@@ -388,3 +441,4 @@ class Volume:
         self._retired.clear()
         self._live_view = None
         self._snapshot_views.clear()
+        self.locks.close()

@@ -1,0 +1,141 @@
+"""Locks between hosts that mount the same share (DESIGN.md invariant 7).
+
+Open-file-description locks (F_OFD_SETLK) on two bytes of the volume's base file, far past any
+data and clear of the bytes QEMU (100-203) and libvirt (0) lock. NFSv4 and GlusterFS's FUSE
+client carry POSIX byte-range locks to the server, so they hold across hosts; OFD locks are tied
+to vfsnap's own descriptor, so opening and closing other descriptors of the file never drops
+them (classic fcntl locks would be), and two mounts on one host exclude each other too.
+
+- CHAIN: held while a chain change runs (snapshot, merge, rename, removal): never two at once.
+- WRITER: held while the volume is open for writing on this host. Another host's open for
+  writing gets EBUSY; and because a chain change rewrites files the writer's host holds in
+  memory, another host's chain change gets EBUSY too. The host that writes takes snapshots.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import struct
+
+import trio
+
+from vfsnap.errors import Busy
+
+log = logging.getLogger(__name__)
+
+CHAIN = 1 << 62
+WRITER = CHAIN + 1
+CHAIN_WAIT_SECONDS = 5.0
+
+
+def _flock(kind: int, start: int) -> bytes:
+    return struct.pack("hhqqi", kind, os.SEEK_SET, start, 1, 0)
+
+
+class VolumeLocks:
+    def __init__(self, share_dir, volume: str):
+        self.share_dir = share_dir
+        self.volume = volume
+        self._fd: int | None = None
+        self.held: set[int] = set()
+
+    def _descriptor(self) -> int:
+        if self._fd is None:
+            self._fd = self.share_dir.open_regular(self.volume, os.O_RDWR)
+        return self._fd
+
+    def try_lock(self, byte: int) -> bool:
+        if byte in self.held:
+            return True
+        try:
+            fcntl.fcntl(self._descriptor(), fcntl.F_OFD_SETLK, _flock(fcntl.F_WRLCK, byte))
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                if not self.held:
+                    self.close()
+                return False
+            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                log.warning("%s: the share does not support locks (%s); hosts are not excluded",
+                            self.volume, os.strerror(exc.errno))
+                self.held.add(byte)
+                return True
+            raise
+        self.held.add(byte)
+        return True
+
+    def unlock(self, byte: int) -> None:
+        if byte not in self.held:
+            return
+        self.held.discard(byte)
+        try:
+            fcntl.fcntl(self._descriptor(), fcntl.F_OFD_SETLK, _flock(fcntl.F_UNLCK, byte))
+        except OSError as exc:
+            log.warning("%s: releasing a lock: %s", self.volume, exc)
+        if not self.held:
+            self.close()  # hold no descriptor of the volume for nothing (it may be deleted)
+
+    def close(self) -> None:
+        self.held.clear()
+        if self._fd is not None:
+            os.close(self._fd)  # closing the description releases its OFD locks
+            self._fd = None
+
+    # -- what the volume uses -------------------------------------------------------------
+
+    def acquire_writer(self) -> None:
+        if not self.try_lock(WRITER):
+            raise Busy(f"volume {self.volume} is open for writing on another host")
+
+    def release_writer(self) -> None:
+        self.unlock(WRITER)
+
+
+class ChainChange:
+    """`async with ChainChange(volume):` around every change of a volume's chain.
+
+    Takes the volume's local lock (one change at a time in this process), then CHAIN on the
+    share (waiting a little for another host's change to end), then makes sure no other host
+    has the volume open for writing.
+    """
+
+    def __init__(self, volume, *, wait: float = CHAIN_WAIT_SECONDS):
+        self.volume = volume
+        self.wait = wait
+
+    async def __aenter__(self):
+        volume = self.volume
+        await volume.chain_lock.acquire()
+        try:
+            if volume.share.read_only:
+                return self
+            locks = volume.locks
+            with trio.move_on_after(self.wait):
+                while not locks.try_lock(CHAIN):
+                    await trio.sleep(0.05)
+            if CHAIN not in locks.held:
+                raise Busy(f"volume {volume.name}: another host is changing its chain")
+            if WRITER not in locks.held:
+                if not locks.try_lock(WRITER):
+                    locks.unlock(CHAIN)
+                    raise Busy(f"volume {volume.name} is open for writing on another host")
+            if volume.writers:
+                volume.refresh()  # we hold the writer lock: only `.info` can be news
+            else:
+                volume.reload_all()  # another host may have written any of it before we locked
+        except BaseException:
+            volume.chain_lock.release()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info):
+        volume = self.volume
+        try:
+            if not volume.share.read_only:
+                if not volume.writers:
+                    volume.locks.unlock(WRITER)  # ours, or a writer's who left meanwhile
+                volume.locks.unlock(CHAIN)
+        finally:
+            volume.chain_lock.release()
