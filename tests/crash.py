@@ -150,9 +150,9 @@ def build_chain(share: Path, layers: int, *, cluster_size: int = 4096) -> tuple[
         qemu_create(share / name, SIZE, fmt="qcow2", backing=names[-1],
                     backing_fmt="raw" if level == 1 else "qcow2", options=f"cluster_size={cluster_size}")
         names.append(name)
+        write_info(share, VOLUME, name, {f"s{i}": names[i] for i in range(1, level + 1)})
         pool = Pool.open([str(share)], MountOptions(metadata_flush_interval=0))
         try:
-            write_info(share, VOLUME, name, {f"s{i}": names[i] for i in range(1, level + 1)})
             view = pool.volume(VOLUME).live_view()
             for write in make_writes(100 + level, 6):
                 view.write(write.offset, write.data)

@@ -195,8 +195,8 @@ def test_concurrent_writes_mkdir_and_rmdir_from_two_hosts_keep_the_chain_consist
     assert not errors, errors
     for mnt in hosts:
         subprocess.run([sys.executable, "-m", "vfsnap", "sync", str(mnt.path), "--timeout", "120"], check=True)
-    listings = [sorted(os.listdir(mnt.snapshot_dir("vol"))) for mnt in hosts]
     eventually(lambda: sorted(os.listdir(hosts[0].snapshot_dir("vol"))) == sorted(os.listdir(hosts[1].snapshot_dir("vol"))))
+    listings = [sorted(os.listdir(mnt.snapshot_dir("vol"))) for mnt in hosts]
     live = hosts[0].volume("vol").read_bytes()
     missing = [n for n in range(total) if live[n * BLOCK : (n + 1) * BLOCK] != block(n)]
     if missing:

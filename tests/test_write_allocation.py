@@ -130,14 +130,7 @@ def test_write_trace_matches_qemu(base_fmt, depth, cluster, snapshot, share, tmp
 # -- 23: every refcount width, growing refcount blocks and table -----------------------------------------
 
 
-REFCOUNT_TABLE_GROWTH_BUG = (
-    "vfsnap bug: Refcounts._create_block -> _grow_table re-enters _create_block for the same block when the new "
-    "table lands in it; the outer call then replaces that block with an empty one, losing the counts of the new "
-    "table, whose clusters are handed out again (L2 tables overwrite the refcount table)")
-
-
-@pytest.mark.parametrize("refcount_bits", [1, 2, 4, 8, 16, 32, pytest.param(64, marks=[
-    pytest.mark.xfail(reason=REFCOUNT_TABLE_GROWTH_BUG, strict=True), pytest.mark.allow_daemon_errors])])
+@pytest.mark.parametrize("refcount_bits", [1, 2, 4, 8, 16, 32, 64])
 def test_every_refcount_width(refcount_bits, share, tmp_path, vfsnap_mount):
     """512-byte clusters: a refcount block covers 4096 clusters at 1 bit and 64 at 64 bits, and
     the one-cluster refcount table is outgrown at 2 MiB of file with 64-bit refcounts."""
@@ -177,8 +170,6 @@ def test_every_refcount_width(refcount_bits, share, tmp_path, vfsnap_mount):
     assert qemu_img("info", "--output=json", str(share / "vol.s1")).stdout.count(f'"refcount-bits": {refcount_bits}')
 
 
-@pytest.mark.xfail(reason=REFCOUNT_TABLE_GROWTH_BUG, strict=True)
-@pytest.mark.allow_daemon_errors
 def test_refcount_table_growth_keeps_every_count(share, tmp_path, vfsnap_mount):
     """512-byte clusters and 64-bit refcounts: one refcount block covers 64 clusters and the
     one-cluster refcount table 4096, so one 3 MiB write makes the table move; every count must
@@ -203,8 +194,6 @@ def test_refcount_table_growth_keeps_every_count(share, tmp_path, vfsnap_mount):
     assert mnt.volume("vol").read_bytes() == expected
 
 
-@pytest.mark.xfail(reason=REFCOUNT_TABLE_GROWTH_BUG, strict=True)
-@pytest.mark.allow_daemon_errors
 def test_large_sequential_write_on_512_byte_clusters(share, tmp_path, vfsnap_mount):
     """Default 16-bit refcounts: the one-cluster refcount table covers 8 MiB of a 512-byte-cluster
     image, and one L2 table 32 KiB of guest space, so a 20 MiB copy (dd of an image into the

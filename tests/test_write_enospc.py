@@ -233,12 +233,7 @@ def test_thick_create_and_extend_on_a_full_share(small_fs, vfsnap_mount):
     assert mnt.volume("small").read_bytes()[:2] == b"ok"
 
 
-UNMOUNT_FULL_BUG = "vfsnap bug: refcount blocks are written with a bare os.pwrite, so ENOSPC escapes as OSError, " \
-    "which Volume.close does not catch: the final write-back at unmount dies with a traceback and exit status 1"
-
-
-@pytest.mark.parametrize("kind", ["raw", "qcow2-64k", pytest.param("qcow2-512", marks=[
-    pytest.mark.xfail(reason=UNMOUNT_FULL_BUG, strict=True), pytest.mark.allow_daemon_errors])])
+@pytest.mark.parametrize("kind", ["raw", "qcow2-64k", "qcow2-512"])
 def test_unmount_while_the_share_is_full(kind, small_fs, tmp_path, vfsnap_mount):
     """Close and unmount without freeing space: the write-back of metadata fails (ENOSPC), which
     may lose what was not fsynced but must leave the images consistent (check 0 or 3) with every

@@ -284,8 +284,6 @@ def test_extend_while_open_and_written(share, tmp_path, vfsnap_mount):
     assert flat_bytes(share / names[-1], tmp_path) == before + bytes(2 * MiB - 4096) + b"\xee" * 4096
 
 
-@pytest.mark.xfail(reason="vfsnap bug: extending an overlay whose backing file is longer exposes the backing's "
-                          "data in the new area (Qcow2Writer.resize does not zero it)", strict=True)
 def test_extend_over_longer_backing_reads_zeros(share, tmp_path, vfsnap_mount):
     """An overlay shorter than its backing file hides the backing's tail; growing the overlay must
     keep hiding it (QEMU's bdrv_co_truncate zero-writes the new area when the backing is longer)."""
@@ -302,15 +300,10 @@ def test_extend_over_longer_backing_reads_zeros(share, tmp_path, vfsnap_mount):
     assert check(share / "vol.s1")["exit"] == 0
 
 
-EFBIG_BUG = ("vfsnap bug: extending a qcow2 volume past what its L1 table may hold (QEMU: 32 MiB of L1) gives EIO, "
-             "after allocating the new L1 table (4k clusters: 40 MiB leaked, qemu-img check exit 3), where "
-             "qemu-img resize checks first and says EFBIG")
-
-
 @pytest.mark.parametrize("kind,huge", [
     ("raw", 1 << 50),  # 1 PiB: more than ext4, xfs or tmpfs take in one file
-    pytest.param("qcow2-512", 1 << 40, marks=pytest.mark.xfail(reason=EFBIG_BUG, strict=True)),  # 256 MiB of L1
-    pytest.param("qcow2-4k", 10 << 40, marks=pytest.mark.xfail(reason=EFBIG_BUG, strict=True)),  # 40 MiB of L1
+    ("qcow2-512", 1 << 40),  # 256 MiB of L1
+    ("qcow2-4k", 10 << 40),  # 40 MiB of L1
 ], ids=["raw", "qcow2-512", "qcow2-4k"])
 def test_extend_beyond_the_format_limit_is_efbig(kind, huge, share, tmp_path, vfsnap_mount):
     """A size the share's filesystem (raw) or a qcow2 L1 table (QEMU's limit: 32 MiB) cannot hold:
@@ -510,8 +503,6 @@ def test_mv_renames_every_file_of_the_chain(share, tmp_path, vfsnap_mount):
     assert sidecar(share, "b")["format"] == "raw"
 
 
-@pytest.mark.xfail(reason="vfsnap bug: after mv the new name is ENOENT for up to entry_timeout: rename retires "
-                          "the inode the kernel moved to the new name", strict=True)
 def test_mv_new_name_works_at_once(share, vfsnap_mount):
     """`mv a b && qemu-img info b`: the kernel keeps the inode it looked up as `a` under the name
     `b`, so that inode must stay valid (as on any filesystem), not only a fresh lookup of `b`."""

@@ -1,7 +1,8 @@
 """Names of volumes, snapshots and the files vfsnap keeps beside them (DESIGN.md section 2).
 
 Snapshots: 1-64 bytes of [A-Za-z0-9_-] (no dot, so `<vol>.<snap>` is unambiguous), not
-`active` (a key of Cinder's `.info`) or `latest` (the symlink). Volumes: bytes of
+`active` (a key of Cinder's `.info`), `latest` (the symlink) or `info` (its overlay would be the
+volume's own `<vol>.info`). Volumes: bytes of
 [A-Za-z0-9_.-], not starting with a dot, not ending in a suffix Cinder or vfsnap uses, and short
 enough that every file vfsnap derives from the name (`<vol>.info`, `<vol>.vfsnap.json`) fits in
 NAME_MAX. `<vol>.<snap>` must fit too; that is checked when the snapshot is taken.
@@ -15,7 +16,7 @@ from vfsnap.errors import InvalidName, NameTooLong
 
 NAME_MAX = 255
 SNAPSHOT_NAME_MAX = 64
-RESERVED_SNAPSHOT_NAMES = frozenset({"active", "latest"})
+RESERVED_SNAPSHOT_NAMES = frozenset({"active", "latest", "info"})
 
 INFO_SUFFIX = ".info"
 SIDECAR_SUFFIX = ".vfsnap.json"

@@ -37,7 +37,7 @@ class MountOptions:
     fuse_options: frozenset[str] = frozenset()
     max_chain_depth: int = 128
     table_cache_size: int = 64 << 20  # bytes of L2 tables held for all images together
-    map_cache_chunks: int = 1024  # resolved chunks kept per view
+    map_cache_chunks: int = 1 << 16  # resolved chunks kept per view (memory: see table_cache_size)
     volume_format: str = "raw"  # format of volumes created through the mount
     thick: bool = False  # fully allocate new raw volumes (Cinder's nfs_sparsed_volumes=False)
     share_type: str = "local"  # local, nfs, glusterfs

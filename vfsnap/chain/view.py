@@ -1,14 +1,24 @@
 """Views: a backing chain resolved into one map of where every guest byte lives.
 
 A read must not cost more with a deeper chain, so a view resolves its chain once per *chunk*
-(a few MiB of guest space) into sorted extents `[start, end) -> (fd, host offset)` and keeps the
+(1-16 MiB of guest space) into sorted extents `[start, end) -> (fd, host offset)` and keeps the
 chunks it has resolved. A read is then a bisect and one `pread` per extent it touches, whatever
-the depth. Chunks are dropped when the chain changes (`invalidate`).
+the depth.
+
+A live view (`split_top=True`) keeps two levels: its own chunks, resolved from the top image,
+and a view of the chain *below* the top, whose chunks stay valid as long as that chain does.
+Only the top changes under writes, reloads and snapshots, so only the top is ever re-resolved:
+after a snapshot the old live map becomes the new below-map as it is.
+
+The memory of all resolved maps of a mount is bounded by one `MapBudget` (the same size as the
+table cache): the oldest chunks of the views are dropped to stay within it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import weakref
 from bisect import bisect_left, bisect_right
 
 from vfsnap.errors import CorruptImage, NoSpace, ReadOnly
@@ -22,7 +32,41 @@ ZERO_FD = -1
 COMPRESSED_FD = -2
 BAD_FD = -3
 
-DEFAULT_MAX_CHUNKS = 1024
+DEFAULT_MAX_CHUNKS = 1 << 16
+# What one resolved extent costs in memory, roughly (four list slots and their int objects).
+EXTENT_BYTES = 128
+
+
+class MapBudget:
+    """Bounds the resolved maps of every view of a mount, in bytes (counted per extent)."""
+
+    def __init__(self, capacity_bytes: int):
+        self.capacity = max(1024, capacity_bytes // EXTENT_BYTES)
+        self.used = 0
+        self._views: weakref.WeakSet = weakref.WeakSet()
+
+    def charge(self, view: "View", extents: int) -> None:
+        self.used += extents
+        self._views.add(view)
+        if self.used > self.capacity:
+            self._evict(keep=view)
+
+    def release(self, extents: int) -> None:
+        self.used -= extents
+
+    def _evict(self, keep: "View") -> None:
+        for view in list(self._views):
+            if view is keep:
+                continue
+            while self.used > self.capacity and view._drop_oldest():
+                pass
+            if self.used <= self.capacity:
+                return
+        while self.used > self.capacity and keep._drop_oldest(keep_newest=True):
+            pass
+
+
+UNBOUNDED = MapBudget(1 << 62)
 
 
 class Chunk:
@@ -38,12 +82,14 @@ class Chunk:
         self.fds = [e[2] for e in extents]
         self.hosts = [e[3] for e in extents]
 
-    def patch(self, start: int, end: int, fd: int, host: object) -> None:
-        """Guest [start, end) of this chunk now lives at `(fd, host)` (after a write)."""
+    def patch(self, start: int, end: int, fd: int, host: object) -> int:
+        """Guest [start, end) of this chunk now lives at `(fd, host)` (after a write).
+        Returns by how many extents the chunk grew (for the memory budget)."""
         start = max(start, self.start)
         end = min(end, self.end)
         if start >= end:
-            return
+            return 0
+        before = len(self.starts)
         starts, ends, fds, hosts = self.starts, self.ends, self.fds, self.hosts
         i = bisect_right(starts, start) - 1
         j = bisect_left(starts, end)
@@ -68,6 +114,7 @@ class Chunk:
         fds[i:j] = new_fds
         hosts[i:j] = new_hosts
         self._merge_around(i + (1 if new_starts[0] < start else 0))
+        return len(self.starts) - before
 
     def _merge_around(self, i: int) -> None:
         """Merge extent i with its neighbours when they continue each other (fewer extents)."""
@@ -84,26 +131,52 @@ class Chunk:
 
 
 def chunk_bits_for(images: list[Image]) -> int:
-    """Chunks of about 256 clusters of the finest image, between 1 and 16 MiB, whole clusters."""
-    finest = min(img.granularity for img in images)
-    coarsest = max(img.granularity for img in images)
-    bits = max(20, min(24, finest.bit_length() - 1 + 8))
-    return max(bits, coarsest.bit_length() - 1)
+    """Chunks of about 256 clusters of the finest qcow2 image, 1 to 16 MiB, whole clusters.
+
+    Raw images map as one extent whatever their size, so they do not make chunks smaller.
+    """
+    grains = [img.granularity for img in images if not isinstance(img, RawImage)] or [1 << 24]
+    bits = max(20, min(24, min(grains).bit_length() - 1 + 8))
+    return max(bits, max(grains).bit_length() - 1)
+
+
+def _extent(start: int, end: int, kind: int, where: object, fd: int) -> tuple[int, int, int, object]:
+    if kind == DATA:
+        return (start, end, fd, where)
+    if kind == ZERO:
+        return (start, end, ZERO_FD, 0)
+    if kind == COMPRESSED:
+        return (start, end, COMPRESSED_FD, where)
+    if kind == BAD:
+        return (start, end, BAD_FD, where)
+    raise CorruptImage(f"unknown extent kind {kind}")  # pragma: no cover - a format bug
 
 
 class View:
-    """The bytes a chain of images shows, bottom image first, as one read-only raw disk."""
+    """The bytes a chain of images shows, bottom image first, as one raw disk."""
 
-    def __init__(self, images: list[Image], *, name: str, max_chunks: int = DEFAULT_MAX_CHUNKS):
+    def __init__(self, images: list[Image], *, name: str, budget: MapBudget | None = None,
+                 split_top: bool = False, max_chunks: int = DEFAULT_MAX_CHUNKS, chunk_bits: int | None = None):
         if not images:
             raise ValueError("a view needs at least one image")
         self.name = name
-        self.images = list(images)
+        self.budget = budget or UNBOUNDED
         self.max_chunks = max_chunks
-        self._chunk_bits = chunk_bits_for(self.images)
+        self.split_top = split_top
         self._chunks: dict[int, Chunk] = {}
+        self._extents = 0
         # Called with (offset, length) after every write (a merge of the top image watches).
         self.observers: list = []
+        self._setup(list(images), chunk_bits)
+
+    def _setup(self, images: list[Image], chunk_bits: int | None = None) -> None:
+        self.images = images
+        self._size = images[-1].size
+        self._chunk_bits = chunk_bits or chunk_bits_for(images)
+        self._below = None
+        if self.split_top and len(images) > 1:
+            self._below = View(images[:-1], name=f"{self.name}/below", budget=self.budget,
+                               max_chunks=self.max_chunks, chunk_bits=self._chunk_bits)
 
     @property
     def top(self) -> Image:
@@ -111,17 +184,53 @@ class View:
 
     @property
     def size(self) -> int:
-        return self.images[-1].size
+        return self._size
+
+    # -- cache management -----------------------------------------------------------------
 
     def invalidate(self) -> None:
-        """Forget every resolved chunk (the chain or an image's map changed)."""
+        """Forget what this view resolved itself (the top image's map or size changed)."""
+        self.budget.release(self._extents)
+        self._extents = 0
         self._chunks.clear()
-        self._chunk_bits = chunk_bits_for(self.images)
+        self._size = self.images[-1].size
 
     def set_images(self, images: list[Image]) -> None:
-        """The chain changed (snapshot taken or merged): serve the new one from now on."""
-        self.images = list(images)
-        self.invalidate()
+        """The chain changed (snapshot taken, merge done, image reopened): serve the new one.
+
+        Keeps every resolved chunk that is still right: the below-map when only the top
+        object changed, and the whole live map as the new below-map after a snapshot.
+        """
+        images = list(images)
+        old = self.images
+        same_below = len(images) == len(old) and all(a is b for a, b in zip(old[:-1], images[:-1]))
+        snapshot = len(images) == len(old) + 1 and all(a is b for a, b in zip(old, images))
+        if self.split_top and same_below:
+            self.images = images
+            self.invalidate()
+        elif self.split_top and snapshot and chunk_bits_for(images) == self._chunk_bits:
+            below = View(old, name=f"{self.name}/below", budget=self.budget,
+                         max_chunks=self.max_chunks, chunk_bits=self._chunk_bits)
+            below._chunks, below._extents = self._chunks, self._extents  # resolved flat: still exact
+            self._chunks, self._extents = {}, 0
+            if self._below is not None:
+                self._below.invalidate()
+            self.images, self._below, self._size = images, below, images[-1].size
+        else:
+            self.invalidate()
+            if self._below is not None:
+                self._below.invalidate()
+            self._setup(images)
+
+    def _drop_oldest(self, *, keep_newest: bool = False) -> bool:
+        """Give back the oldest resolved chunk (MapBudget); False when there is none to give."""
+        if len(self._chunks) <= (1 if keep_newest else 0):
+            return bool(self._below is not None and self._below._drop_oldest())
+        index = next(iter(self._chunks))
+        extents = len(self._chunks.pop(index).starts)
+        self._extents -= extents
+        self.budget.release(extents)
+        return True
 
     def allocated_bytes(self) -> int:
         return sum(img.allocated_bytes() for img in self.images)
@@ -133,22 +242,50 @@ class View:
         if chunk is None:
             chunk = self._resolve(index)
             if len(self._chunks) >= self.max_chunks:
-                # Drop the oldest resolved chunk; dict order is insertion order.
-                del self._chunks[next(iter(self._chunks))]
+                self._drop_oldest()
             self._chunks[index] = chunk
+            self._extents += len(chunk.starts)
+            self.budget.charge(self, len(chunk.starts))
         return chunk
 
     def _resolve(self, index: int) -> Chunk:
         start = index << self._chunk_bits
-        end = min(self.size, start + (1 << self._chunk_bits))
-        extents = resolve_extents(self.images, start, end)
-        return Chunk(start, end, extents)
+        end = min(self._size, start + (1 << self._chunk_bits))
+        if self._below is None:
+            return Chunk(start, end, resolve_extents(self.images, start, end))
+        top = self.images[-1]
+        extents: list[tuple[int, int, int, object]] = []
+        for ms, me, kind, where in top.map_range(start, end):
+            if kind == UNALLOCATED:
+                extents += self._below.extents(ms, me)
+            else:
+                extents.append(_extent(ms, me, kind, where, top.fd))
+        return Chunk(start, end, _merge_extents(extents))
+
+    def extents(self, start: int, end: int) -> list[tuple[int, int, int, object]]:
+        """Resolved extents covering guest [start, end); zeros past this view's end."""
+        out: list[tuple[int, int, int, object]] = []
+        size = self._size
+        stop = min(end, size)
+        pos = start
+        while pos < stop:
+            chunk = self._chunk(pos >> self._chunk_bits)
+            i = bisect_right(chunk.starts, pos) - 1
+            while pos < stop and i < len(chunk.starts):
+                piece_end = min(stop, chunk.ends[i])
+                fd, host = chunk.fds[i], chunk.hosts[i]
+                out.append((pos, piece_end, fd, host + (pos - chunk.starts[i]) if fd >= 0 else host))
+                pos = piece_end
+                i += 1
+        if end > max(start, size):
+            out.append((max(start, size), end, ZERO_FD, 0))
+        return out
 
     # -- reading --------------------------------------------------------------------------
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int):
         """Bytes [offset, offset+length) of the view, short only at the end of the disk."""
-        size = self.size
+        size = self._size
         if offset >= size or length <= 0:
             return b""
         end = offset + length
@@ -168,33 +305,24 @@ class View:
                     return bytes(end - offset)
         return self._read_extents(offset, end)
 
-    def _read_extents(self, offset: int, end: int) -> bytes:
-        parts = []
-        pos = offset
-        while pos < end:
-            chunk = self._chunk(pos >> self._chunk_bits)
-            i = bisect_right(chunk.starts, pos) - 1
-            while pos < end and i < len(chunk.starts):
-                ext_end = min(end, chunk.ends[i])
-                parts.append(self._read_extent(chunk, i, pos, ext_end))
-                pos = ext_end
-                i += 1
-        return b"".join(parts)
-
-    def _read_extent(self, chunk: Chunk, i: int, pos: int, end: int) -> bytes:
-        fd = chunk.fds[i]
-        if fd >= 0:
-            return pread_full(fd, end - pos, chunk.hosts[i] + pos - chunk.starts[i])
-        if fd == ZERO_FD:
-            return bytes(end - pos)
-        if fd == COMPRESSED_FD:
-            cluster: CompressedCluster = chunk.hosts[i]
-            data = cluster.image.read_compressed(cluster)
-            base = cluster.guest_cluster * len(data)
-            return data[pos - base : end - base]
-        # A fresh exception each time: re-raising one object would grow its traceback forever.
-        raise CorruptImage(str(chunk.hosts[i]))
-
+    def _read_extents(self, offset: int, end: int) -> bytearray:
+        """A read that spans extents, assembled in one buffer (no join of pieces)."""
+        buffer = bytearray(end - offset)
+        view = memoryview(buffer)
+        for start, stop, fd, host in self.extents(offset, end):
+            target = view[start - offset : stop - offset]
+            if fd >= 0:
+                _preadv_full(fd, target, host)
+            elif fd == COMPRESSED_FD:
+                cluster: CompressedCluster = host
+                data = cluster.image.read_compressed(cluster)
+                base = cluster.guest_cluster * len(data)
+                target[:] = data[start - base : stop - base]
+            elif fd == BAD_FD:
+                # A fresh exception each time: re-raising one object would grow its traceback.
+                raise CorruptImage(str(host))
+            # ZERO_FD: the buffer is zeros already
+        return buffer
 
     # -- writing (live views only: the top image must be writable) ------------------------
 
@@ -298,7 +426,9 @@ class View:
             piece_end = min(end, (index + 1) << bits)
             chunk = self._chunks.get(index)
             if chunk is not None:
-                chunk.patch(pos, piece_end, fd, host + (pos - start) if fd >= 0 else host)
+                grown = chunk.patch(pos, piece_end, fd, host + (pos - start) if fd >= 0 else host)
+                self._extents += grown
+                self.budget.charge(self, grown)
             pos = piece_end
 
     def flush(self) -> None:
@@ -310,12 +440,18 @@ class View:
         return bool(getattr(self.top, "dirty", False))
 
     def resize(self, new_size: int, *, thick: bool = False) -> None:
+        """Grow the disk. The new area reads as zeros even where a backing file is longer
+        than the old size (as QEMU's truncate does: it zero-writes that part)."""
         top = self.top
+        old_size = self.size
         if isinstance(top, RawImage):
             top.resize(new_size, thick=thick)
         else:
             top.resize(new_size)
         self.invalidate()
+        longest_below = max((image.size for image in self.images[:-1]), default=0)
+        if longest_below > old_size and self.size > old_size:
+            self.write_zeroes(old_size, min(self.size, longest_below) - old_size)
 
 
 def resolve_extents(images: list[Image], start: int, end: int) -> list[tuple[int, int, int, object]]:
@@ -340,29 +476,34 @@ def resolve_extents(images: list[Image], start: int, end: int) -> list[tuple[int
             for ms, me, kind, where in image.map_range(s, e):
                 if kind == UNALLOCATED:
                     below.append((ms, me))
-                elif kind == DATA:
-                    extents.append((ms, me, image.fd, where))
-                elif kind == ZERO:
-                    extents.append((ms, me, ZERO_FD, 0))
-                elif kind == COMPRESSED:
-                    extents.append((ms, me, COMPRESSED_FD, where))
-                elif kind == BAD:
-                    extents.append((ms, me, BAD_FD, where))
-                else:  # pragma: no cover - a format bug, not an image problem
-                    raise CorruptImage(f"{image.name}: unknown extent kind {kind}")
+                else:
+                    extents.append(_extent(ms, me, kind, where, image.fd))
         pending = below
     for s, e in pending:
         extents.append((s, e, ZERO_FD, 0))
+    return _merge_extents(extents)
+
+
+def _merge_extents(extents: list[tuple[int, int, int, object]]) -> list[tuple[int, int, int, object]]:
+    """Sort and merge extents that continue each other (same file, contiguous, or both zero)."""
     extents.sort(key=lambda ext: ext[0])
     merged: list[tuple[int, int, int, object]] = []
     for ext in extents:
         if merged:
             p_start, p_end, p_fd, p_host = merged[-1]
             s, e, fd, host = ext
-            if p_end == s and p_fd == fd and (
-                fd == ZERO_FD or (fd >= 0 and p_host + (p_end - p_start) == host)
-            ):
+            if p_end == s and p_fd == fd and (fd == ZERO_FD or (fd >= 0 and p_host + (p_end - p_start) == host)):
                 merged[-1] = (p_start, e, fd, p_host)
                 continue
         merged.append(ext)
     return merged
+
+
+def _preadv_full(fd: int, target: memoryview, offset: int) -> None:
+    """Fill `target` from `fd` at `offset`; what lies past the end of the file stays zero."""
+    done = 0
+    while done < len(target):
+        got = os.preadv(fd, [target[done:]], offset + done)
+        if got <= 0:
+            return
+        done += got

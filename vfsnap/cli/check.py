@@ -25,7 +25,7 @@ from vfsnap.cli.main import EXIT_CHECK_FAILED, EXIT_OK, QuietError
 from vfsnap.errors import VfsnapError
 from vfsnap.format import Qcow2Image
 from vfsnap.format.check import check_image, rebuild_refcounts
-from vfsnap.names import TEMP_PREFIX
+from vfsnap.names import SIDECAR_SUFFIX, TEMP_PREFIX
 from vfsnap.options import MountOptions
 from vfsnap.share import snapshots
 from vfsnap.share.rename import pending_renames, run_rename
@@ -97,7 +97,7 @@ def check_share(share: Share, *, repair: bool) -> Report:
             _check_volume(share, name, report, repair=repair)
         except VfsnapError as exc:
             report.problem(f"{name}: {exc}")
-    _check_strays(share, report)
+    _check_strays(share, report, repair=repair)
     return report
 
 
@@ -134,7 +134,7 @@ def _check_volume(share: Share, name: str, report: Report, *, repair: bool) -> N
         result = check_image(image)
         if result.clean and not image.header.dirty:
             continue
-        if repair and not any("far beyond" in c for c in result.corruptions):
+        if repair and not result.unrepairable:
             writable = share.dir.open_regular(image.name, os.O_RDWR)
             fixed = Qcow2Image(writable, image.name, writable=True, table_cache=share.table_cache)
             try:
@@ -148,15 +148,26 @@ def _check_volume(share: Share, name: str, report: Report, *, repair: bool) -> N
                 report.problem(f"{name}: {line}")
 
 
-def _check_strays(share: Share, report: Report) -> None:
-    """`.info` files and sidecars whose volume is gone."""
+def _check_strays(share: Share, report: Report, *, repair: bool) -> None:
+    """`.info` files and sidecars of no volume: the volume is gone, or the file they are named
+    after is another volume's overlay (a sidecar written for it by mistake)."""
     names = set(share.dir.listdir())
     for file_name in sorted(names):
-        for suffix in (".info", ".vfsnap.json"):
-            if file_name.endswith(suffix):
-                volume = file_name[: -len(suffix)]
-                if volume not in names:
-                    report.problem(f"{file_name} belongs to no volume ({volume} does not exist)")
+        for suffix in (".info", SIDECAR_SUFFIX):
+            if not file_name.endswith(suffix) or file_name.endswith(".vfsnap" + suffix):
+                continue
+            volume = file_name[: -len(suffix)]
+            if volume not in names:
+                why = f"{volume} does not exist"
+            elif not share.is_volume(volume):
+                why = f"{volume} is not a volume but another volume's file"
+            else:
+                continue
+            if repair and suffix == SIDECAR_SUFFIX:
+                share.dir.unlink(file_name)
+                report.fixed(f"removed {file_name} ({why})")
+            else:
+                report.problem(f"{file_name} belongs to no volume ({why})")
 
 
 def _mounted_by_vfsnap(path: str) -> bool:

@@ -18,7 +18,7 @@ from array import array
 import attrs
 
 from vfsnap.errors import CorruptImage
-from vfsnap.format.header import EXT_BITMAPS
+from vfsnap.format.header import EXT_BITMAPS, MAX_L1_BYTES
 from vfsnap.format.image import pread_full
 from vfsnap.format.tables import (
     OFFSET_MASK,
@@ -27,8 +27,10 @@ from vfsnap.format.tables import (
     OFLAG_ZERO,
     cluster_span,
     compressed_span,
+    sync,
     table_from_bytes,
     table_to_bytes,
+    write_all,
 )
 
 MAX_REPORTED = 50
@@ -41,6 +43,7 @@ class CheckReport:
     leaks: tuple[int, ...] = ()  # cluster indices counted but not referenced
     copied_errors: int = 0
     repaired: bool = False
+    unrepairable: bool = False
 
     @property
     def clean(self) -> bool:
@@ -62,18 +65,39 @@ class _References:
 
     def __init__(self, image):
         self.cluster_bits = image.cluster_bits
-        self.file_clusters = -(-os.fstat(image.fd).st_size // image.cluster_size)
+        self.file_size = os.fstat(image.fd).st_size
+        self.file_clusters = -(-self.file_size // image.cluster_size)
         self.counts = array("I", bytes(4 * (self.file_clusters + 1)))
         self.problems: list[str] = []
+        self.beyond_eof = 0  # references to clusters the file does not reach (truncated?)
+        self.first_beyond_eof = ""
+
+    @property
+    def unrepairable(self) -> bool:
+        """Data is missing: no refcount rebuild can bring it back."""
+        return bool(self.beyond_eof)
 
     def add(self, offset: int, length: int, what: str) -> None:
-        for cluster in cluster_span(offset, length, self.cluster_bits) if offset else ():
+        if not offset:
+            return
+        # QEMU's rule (qcow2-refcount.c inc_refcounts): the last cluster may be partly past the
+        # end of the file, but a region reaching a whole cluster or more past it is corrupt.
+        if offset + length - self.file_size >= (1 << self.cluster_bits):
+            self.beyond_eof += 1
+            self.first_beyond_eof = self.first_beyond_eof or f"{what} at {offset:#x}"
+            return
+        for cluster in cluster_span(offset, length, self.cluster_bits):
             if cluster >= len(self.counts):
-                if cluster > self.file_clusters + (1 << 20):
-                    self.problems.append(f"{what} at {offset:#x} lies far beyond the end of the file")
-                    return
                 self.counts.extend([0] * (cluster + 1 - len(self.counts)))
             self.counts[cluster] += 1
+
+    def finish(self) -> "_References":
+        if self.beyond_eof:
+            self.problems.append(
+                f"{self.beyond_eof} reference(s) to clusters beyond the end of the file, first {self.first_beyond_eof}: "
+                "the image was truncated or its tables point outside it; that data is lost"
+            )
+        return self
 
     def add_cluster(self, offset: int, what: str) -> None:
         self.add(offset, 1 << self.cluster_bits, what)
@@ -84,7 +108,7 @@ def count_references(image, *, include_refcount_structures: bool = True) -> _Ref
     cb = image.cluster_bits
     refs = _References(image)
     refs.counts[0] += 1  # the header (offset 0 means "none" everywhere else)
-    if include_refcount_structures:
+    if include_refcount_structures and h.refcount_table_clusters:
         refs.add(h.refcount_table_offset, h.refcount_table_clusters << cb, "refcount table")
         reftable = table_from_bytes(pread_full(image.fd, h.refcount_table_clusters << cb, h.refcount_table_offset))
         for entry in reftable:
@@ -97,7 +121,7 @@ def count_references(image, *, include_refcount_structures: bool = True) -> _Ref
         l1 = table_from_bytes(pread_full(image.fd, l1_size * 8, l1_offset))
         _walk_l1(image, l1, refs, active=False)
     _walk_bitmaps(image, refs)
-    return refs
+    return refs.finish()
 
 
 def _walk_l1(image, l1: array, refs: _References, *, active: bool) -> None:
@@ -121,18 +145,34 @@ def _walk_l1(image, l1: array, refs: _References, *, active: bool) -> None:
                 refs.add_cluster(entry & OFFSET_MASK, "data cluster")
 
 
+MAX_SNAPSHOTS = 65536  # QEMU's QCOW_MAX_SNAPSHOTS
+MAX_SNAPSHOT_TABLE_BYTES = 64 << 20
+
+
 def _snapshot_l1s(image, refs: _References) -> list[tuple[int, int]]:
+    """The internal snapshots' L1 tables, each checked to lie inside the file and to be of a
+    size QEMU accepts: a lying table is a problem reported, never a walk without end."""
     h = image.header
     if not h.nb_snapshots:
         return []
+    if h.nb_snapshots > MAX_SNAPSHOTS or h.snapshots_offset >= refs.file_size:
+        refs.problems.append(f"snapshot table ({h.nb_snapshots} entries at {h.snapshots_offset:#x}) is impossible")
+        return []
     out = []
-    offset = h.snapshots_offset
-    start = offset
+    offset = start = h.snapshots_offset
     for _ in range(h.nb_snapshots):
+        if offset + 40 > refs.file_size or offset - start > MAX_SNAPSHOT_TABLE_BYTES:
+            refs.problems.append(f"snapshot table at {start:#x} runs past the end of the file")
+            return out
         fixed = pread_full(image.fd, 40, offset)
         l1_offset, l1_size, id_len, name_len = struct.unpack_from(">QIHH", fixed, 0)
         extra_size = struct.unpack_from(">I", fixed, 36)[0]
-        out.append((l1_offset, l1_size))
+        if (l1_size * 8 > MAX_L1_BYTES or l1_offset % image.cluster_size
+                or l1_offset + l1_size * 8 > refs.file_size or extra_size > 1 << 16):
+            refs.problems.append(f"snapshot entry at {offset:#x} names an impossible L1 table "
+                                 f"({l1_size} entries at {l1_offset:#x})")
+        else:
+            out.append((l1_offset, l1_size))
         length = 40 + extra_size + id_len + name_len
         offset += (length + 7) & ~7
     refs.add(start, offset - start, "snapshot table")
@@ -144,8 +184,8 @@ def _walk_bitmaps(image, refs: _References) -> None:
     if ext is None or len(ext.data) < 24:
         return
     nb_bitmaps, _reserved, dir_size, dir_offset = struct.unpack_from(">IIQQ", ext.data, 0)
-    if dir_size > 64 << 20:
-        refs.problems.append("bitmap directory is absurdly large")
+    if dir_size > 64 << 20 or dir_offset + dir_size > refs.file_size:
+        refs.problems.append("bitmap directory is absurdly large or outside the file")
         return
     refs.add(dir_offset, dir_size, "bitmap directory")
     directory = pread_full(image.fd, dir_size, dir_offset)
@@ -154,6 +194,9 @@ def _walk_bitmaps(image, refs: _References) -> None:
         if pos + 24 > len(directory):
             break
         table_offset, table_size, _flags, name_size, _type, _gran, extra = struct.unpack_from(">QIIHBBI", directory, pos)
+        if table_offset + table_size * 8 > refs.file_size or table_size * 8 > MAX_SNAPSHOT_TABLE_BYTES:
+            refs.problems.append(f"bitmap table at {table_offset:#x} ({table_size} entries) lies outside the file")
+            return
         refs.add(table_offset, table_size * 8, "bitmap table")
         table = table_from_bytes(pread_full(image.fd, table_size * 8, table_offset))
         for entry in table:
@@ -179,7 +222,7 @@ def check_image(image) -> CheckReport:
         elif have > counted and cluster < refs.file_clusters:
             leaks.append(cluster)
     copied = _copied_errors(image, stored, fix=False)
-    return CheckReport(image.name, tuple(corruptions), tuple(leaks), copied)
+    return CheckReport(image.name, tuple(corruptions), tuple(leaks), copied, unrepairable=refs.unrepairable)
 
 
 def _copied_errors(image, refcounts, *, fix: bool) -> int:
@@ -230,8 +273,8 @@ def rebuild_refcounts(image) -> CheckReport:
     cs = image.cluster_size
     cb = image.cluster_bits
     refs = count_references(image, include_refcount_structures=False)
-    if any("far beyond" in p for p in refs.problems):
-        raise CorruptImage(f"{image.name}: cannot rebuild refcounts: {refs.problems[0]}")
+    if refs.unrepairable:
+        raise CorruptImage(f"{image.name}: cannot rebuild refcounts: {refs.problems[-1]}")
     counts = refs.counts
     used_end = len(counts)
     while used_end and not counts[used_end - 1]:
@@ -258,9 +301,9 @@ def rebuild_refcounts(image) -> CheckReport:
     for b in range(nblocks):
         block_counts = counts[b * entries_per_block : (b + 1) * entries_per_block]
         table[b] = (first_block + b) << cb
-        os.pwrite(image.fd, _pack_block(block_counts, bits, cs, max_count, image.name), (first_block + b) << cb)
-    os.pwrite(image.fd, table_to_bytes(table), table_offset)
-    os.fdatasync(image.fd)
+        write_all(image.fd, _pack_block(block_counts, bits, cs, max_count, image.name), (first_block + b) << cb, image.name)
+    write_all(image.fd, table_to_bytes(table), table_offset, image.name)
+    sync(image.fd, image.name)
     image.write_header(
         attrs.evolve(
             image.header,

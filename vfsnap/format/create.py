@@ -93,5 +93,5 @@ def create_qcow2(fd: int, size: int, **kwargs) -> None:
         import errno
 
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise NoSpace("no space left on the share for a new image") from None
+            raise NoSpace(f"no space left on the share for a new image ({exc.strerror})") from None
         raise

@@ -60,6 +60,12 @@ class Image:
     def read_compressed(self, cluster: CompressedCluster) -> bytes:
         raise NotImplementedError
 
+    def replace_fd(self, fd: int) -> None:
+        """Go on with a new descriptor of the same file (the caller drops every extent that
+        named the old one: its number may be reused)."""
+        old, self.fd = self.fd, fd
+        os.close(old)
+
     def reload(self) -> None:
         """Read the metadata again (another host may have changed the file)."""
 

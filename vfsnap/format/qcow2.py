@@ -23,6 +23,7 @@ from vfsnap.format.tables import (
     OFLAG_COMPRESSED,
     OFLAG_ZERO,
     SUBCLUSTERS,
+    ClusterSet,
     cluster_span,
     compressed_span,
     table_from_bytes,
@@ -30,6 +31,9 @@ from vfsnap.format.tables import (
 from vfsnap.format.writer import Qcow2Writer
 
 log = logging.getLogger(__name__)
+
+# Memory of one entry of the set of metadata clusters, counted against the table cache.
+METADATA_ENTRY_BYTES = 8
 
 BAD = 4  # extent kind: `where` is the CorruptImage to raise when the range is read
 
@@ -51,14 +55,14 @@ class Qcow2Image(Qcow2Writer, Image):
         self.subcluster_size = self.cluster_size // SUBCLUSTERS if self.extended_l2 else self.cluster_size
         self._cache = table_cache
         self._cache_owner = table_cache.new_owner()
-        self._pinned = h.l1_size * 8
-        table_cache.pin(self._pinned, what=name)
+        self._pinned = 0
         try:
+            self._pin(h.l1_size * 8)
             self.l1 = self._load_l1()
+            self._metadata_clusters = self._find_metadata_clusters()
         except BaseException:
             table_cache.unpin(self._pinned)
             raise
-        self._metadata_clusters = self._find_metadata_clusters()
         self._last_compressed: tuple[int, bytes] | None = None
         # Write state (see "writing" below); None until the first write prepares the image.
         self._refcounts = None
@@ -75,20 +79,31 @@ class Qcow2Image(Qcow2Writer, Image):
         data = pread_full(self.fd, h.l1_size * 8, h.l1_table_offset)
         return table_from_bytes(data)
 
-    def _find_metadata_clusters(self) -> set[int]:
-        """Clusters holding this image's own metadata, which no data entry may point into."""
+    def _pin(self, nbytes: int) -> None:
+        self._cache.pin(nbytes, what=self.name)
+        self._pinned += nbytes
+
+    def _find_metadata_clusters(self) -> ClusterSet:
+        """Clusters holding this image's own metadata, which no data entry may point into.
+
+        Its memory counts against the table cache budget like the L1 table's: a hostile
+        refcount table naming a million blocks fails the image, not the daemon.
+        """
         h = self.header
         cb = self.cluster_bits
-        clusters = {0}
-        clusters.update(cluster_span(h.l1_table_offset, h.l1_size * 8, cb))
-        clusters.update(cluster_span(h.refcount_table_offset, h.refcount_table_clusters << cb, cb))
-        if h.refcount_table_clusters:
-            reftable = table_from_bytes(
-                pread_full(self.fd, h.refcount_table_clusters << cb, h.refcount_table_offset)
-            )
-            clusters.update((e & OFFSET_MASK) >> cb for e in reftable if e & OFFSET_MASK)
-        clusters.update((e & OFFSET_MASK) >> cb for e in self.l1 if e & OFFSET_MASK)
-        return clusters
+        l1_span = cluster_span(h.l1_table_offset, h.l1_size * 8, cb)
+        rt_span = cluster_span(h.refcount_table_offset, h.refcount_table_clusters << cb, cb)
+        # The refcount table is read for a moment only (QEMU caps it at 8 MiB); what is kept is
+        # counted first, without building it, and must fit the budget before it is built.
+        rt_bytes = h.refcount_table_clusters << cb
+        reftable = table_from_bytes(pread_full(self.fd, rt_bytes, h.refcount_table_offset)) if rt_bytes else ()
+        blocks = sum(1 for e in reftable if e & OFFSET_MASK)
+        tables = sum(1 for e in self.l1 if e & OFFSET_MASK)
+        self._pin((blocks + tables + len(l1_span) + len(rt_span) + 1) * METADATA_ENTRY_BYTES)
+        members = [0, *l1_span, *rt_span]
+        members += ((e & OFFSET_MASK) >> cb for e in reftable if e & OFFSET_MASK)
+        members += ((e & OFFSET_MASK) >> cb for e in self.l1 if e & OFFSET_MASK)
+        return ClusterSet(members)
 
     # -- Image interface ------------------------------------------------------------------
 
@@ -123,13 +138,10 @@ class Qcow2Image(Qcow2Writer, Image):
         assert not self.dirty, "reloading an image with unwritten changes"
         self.file_size = os.fstat(self.fd).st_size
         header = read_header(self.fd, self.file_size, name=self.name)
-        pinned = header.l1_size * 8
-        if pinned > self._pinned:
-            self._cache.pin(pinned - self._pinned, what=self.name)
-        else:
-            self._cache.unpin(self._pinned - pinned)
-        self._pinned = pinned
+        self._cache.unpin(self._pinned)
+        self._pinned = 0
         self.header = header
+        self._pin(header.l1_size * 8)
         self.l1 = self._load_l1()
         self._metadata_clusters = self._find_metadata_clusters()
         self._cache.discard_owner(self._cache_owner)

@@ -95,7 +95,7 @@ def _sectors(size: int) -> int:
 
 def _write_error(exc: OSError, name: str) -> VfsnapError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return NoSpace(f"{name}: no space left on the share")
+        return NoSpace(f"{name}: no space left on the share ({exc.strerror})")
     return VfsnapError(f"{name}: {exc.strerror}", errno=exc.errno or errno.EIO)
 
 

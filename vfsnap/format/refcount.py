@@ -15,7 +15,7 @@ from array import array
 
 from vfsnap.errors import CorruptImage, NoSpace
 from vfsnap.format.image import pread_full
-from vfsnap.format.tables import OFFSET_MASK, table_from_bytes, table_to_bytes
+from vfsnap.format.tables import OFFSET_MASK, sync, table_from_bytes, table_to_bytes, write_all
 
 MAX_CLEAN_BLOCKS = 4096
 
@@ -34,6 +34,8 @@ class Refcounts:
         self.block_shift = self.cluster_bits + 3 - self.order
         self.table_offset = h.refcount_table_offset
         self.table_clusters = h.refcount_table_clusters
+        if not self.table_clusters:
+            raise CorruptImage(f"{image.name}: image has no refcount table")
         self.table: array = table_from_bytes(pread_full(self.fd, self.table_clusters << self.cluster_bits, self.table_offset))
         self._blocks: dict[int, bytearray] = {}
         self._dirty_blocks: set[int] = set()
@@ -157,6 +159,11 @@ class Refcounts:
         """A new, empty refcount block for `block_index`, placed and counted."""
         if block_index >= len(self.table):
             self._grow_table(block_index)
+            # Counting the new table's clusters may already have created this very block
+            # (the table landed in its range): use it, never replace it with an empty one.
+            existing = self._blocks.get(block_index)
+            if existing is not None:
+                return existing
         block = bytearray(self.cluster_size)
         self._blocks[block_index] = block
         self._dirty_blocks.add(block_index)
@@ -211,8 +218,8 @@ class Refcounts:
             self.change(cluster, +1)
         self.table_offset, self.table_clusters = place << self.cluster_bits, new_clusters
         self._write_blocks()
-        os.pwrite(self.fd, table_to_bytes(self.table), self.table_offset)
-        os.fdatasync(self.fd)
+        write_all(self.fd, table_to_bytes(self.table), self.table_offset, self.image.name)
+        sync(self.fd, self.image.name)
         self.image.switch_refcount_table(self.table_offset, new_clusters)
         self._table_dirty = False
         self.free(old_offset >> self.cluster_bits, old_clusters)
@@ -230,7 +237,7 @@ class Refcounts:
     def _write_blocks(self) -> None:
         for block_index in sorted(self._dirty_blocks):
             offset = self.table[block_index] & OFFSET_MASK
-            os.pwrite(self.fd, self._blocks[block_index], offset)
+            write_all(self.fd, self._blocks[block_index], offset, self.image.name)
         self._dirty_blocks.clear()
 
     def write_increments(self) -> bool:
@@ -240,8 +247,8 @@ class Refcounts:
         self._write_blocks()
         if self._table_dirty:
             # New blocks must be durable before the table names them.
-            os.fdatasync(self.fd)
-            os.pwrite(self.fd, table_to_bytes(self.table), self.table_offset)
+            sync(self.fd, self.image.name)
+            write_all(self.fd, table_to_bytes(self.table), self.table_offset, self.image.name)
             self._table_dirty = False
         return True
 

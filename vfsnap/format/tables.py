@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from array import array
 
@@ -45,3 +47,64 @@ def compressed_span(entry: int, cluster_bits: int) -> tuple[int, int]:
     host = entry & ((1 << offset_bits) - 1)
     sectors = ((entry >> offset_bits) & ((1 << (cluster_bits - 8)) - 1)) + 1
     return host, sectors * 512 - (host & 511)
+
+
+class ClusterSet:
+    """A set of cluster indexes as a sorted array: 8 bytes an entry (a Python set costs ~64),
+    membership by bisection. Changes are rare (a new L2 table), lookups per resolved cluster."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items=()):
+        self._items = array("Q", sorted(set(items)))
+
+    def __contains__(self, cluster: int) -> bool:
+        from bisect import bisect_left
+
+        items = self._items
+        i = bisect_left(items, cluster)
+        return i < len(items) and items[i] == cluster
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, cluster: int) -> None:
+        from bisect import bisect_left
+
+        i = bisect_left(self._items, cluster)
+        if i == len(self._items) or self._items[i] != cluster:
+            self._items.insert(i, cluster)  # a memmove in C: cheap even for many tables
+
+    def update(self, clusters) -> None:
+        self._items = array("Q", sorted(set(self._items).union(clusters)))
+
+    def difference_update(self, clusters) -> None:
+        self._items = array("Q", sorted(set(self._items).difference(clusters)))
+
+
+def write_all(fd: int, data, offset: int, name: str) -> None:
+    """pwrite all of `data`; a full share becomes NoSpace, other failures VfsnapError."""
+    from vfsnap.errors import NoSpace, VfsnapError
+
+    view = memoryview(data)
+    try:
+        while view:
+            written = os.pwrite(fd, view, offset)
+            view = view[written:]
+            offset += written
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpace(f"{name}: no space left on the share ({exc.strerror})") from None
+        raise VfsnapError(f"{name}: write failed: {exc.strerror}", errno=exc.errno or errno.EIO) from None
+
+
+def sync(fd: int, name: str) -> None:
+    """fdatasync, with failures as VfsnapError naming the image."""
+    from vfsnap.errors import NoSpace, VfsnapError
+
+    try:
+        os.fdatasync(fd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpace(f"{name}: no space left on the share ({exc.strerror})") from None
+        raise VfsnapError(f"{name}: sync failed: {exc.strerror}", errno=exc.errno or errno.EIO) from None

@@ -11,8 +11,8 @@ from array import array
 
 import attrs
 
-from vfsnap.errors import CorruptImage, NoSpace, NotPermitted, ReadOnly, VfsnapError
-from vfsnap.format.header import INCOMPAT_DIRTY, Qcow2Header, read_header, serialize_header_area, with_backing
+from vfsnap.errors import CorruptImage, NotPermitted, ReadOnly, VfsnapError
+from vfsnap.format.header import INCOMPAT_DIRTY, MAX_L1_BYTES, Qcow2Header, read_header, serialize_header_area, with_backing
 from vfsnap.format.tables import (
     ALL_SUBCLUSTERS_ALLOCATED,
     OFFSET_MASK,
@@ -21,7 +21,9 @@ from vfsnap.format.tables import (
     OFLAG_ZERO,
     cluster_span,
     compressed_span,
+    sync,
     table_to_bytes,
+    write_all,
 )
 
 log = logging.getLogger(__name__)
@@ -59,15 +61,17 @@ class Qcow2Writer:
             raise CorruptImage(f"{self.name}: image has no refcount table")
         from vfsnap.format.refcount import Refcounts
 
-        self._refcounts = Refcounts(self)
+        refcounts = Refcounts(self)
         # vfsnap maintains no bitmaps and knows no other autoclear feature: clear them all before
         # the first write, as the specification requires. And mark the image dirty while its
         # metadata changes: a crash then leaves the bit set, and the next mount (or QEMU's next
         # read-write open) rebuilds the refcounts, which reclaims the clusters a crash leaked.
+        # Only once that mark is durable may metadata change (rule 5).
         incompatible = h.incompatible_features | (INCOMPAT_DIRTY if h.version >= 3 else 0)
-        log.debug("%s: marked dirty for writing", self.name)
         if h.autoclear_features or incompatible != h.incompatible_features:
             self.write_header(attrs.evolve(h, autoclear_features=0, incompatible_features=incompatible))
+        log.debug("%s: marked dirty for writing", self.name)
+        self._refcounts = refcounts
 
     def close_writes(self) -> None:
         """Write everything back and clear the dirty bit: the image is consistent on disk."""
@@ -88,9 +92,12 @@ class Qcow2Writer:
         old_end = max(len(old_area), self.header.backing_file_offset + self.header.backing_file_size)
         area = serialize_header_area(header, self.cluster_size)
         area += bytes(max(0, old_end - len(area)))
-        os.pwrite(self.fd, area, 0)
-        os.fdatasync(self.fd)
-        self.header = read_header(self.fd, os.fstat(self.fd).st_size, name=self.name)
+        try:
+            write_all(self.fd, area, 0, self.name)
+            sync(self.fd, self.name)
+        finally:
+            # What is on disk now, written or not: never act on a header we only meant to write.
+            self.header = read_header(self.fd, os.fstat(self.fd).st_size, name=self.name)
 
     def set_backing(self, backing_file: str | None, backing_format: str | None) -> None:
         """Point the image at another backing file (`qemu-img rebase -u`)."""
@@ -135,7 +142,7 @@ class Qcow2Writer:
         return host + (offset - (cluster << cb))
 
     def write_in_place(self, host: int, data) -> None:
-        _pwrite_all(self.fd, data, host, self.name)
+        write_all(self.fd, data, host, self.name)
         self._data_dirty = True
 
     def write_clusters(self, first_cluster: int, data) -> int:
@@ -151,7 +158,7 @@ class Qcow2Writer:
         start = refcounts.allocate(count)
         host = start << cb
         try:
-            _pwrite_all(self.fd, data, host, self.name)
+            write_all(self.fd, data, host, self.name)
         except VfsnapError:
             # Nothing references the clusters yet: give them back right away.
             for cluster in range(start, start + count):
@@ -248,20 +255,20 @@ class Qcow2Writer:
             need_sync = True
         if self._dirty_l2 or self._dirty_l1:
             if need_sync:
-                os.fdatasync(self.fd)  # data and counts before the entries that use them
+                sync(self.fd, self.name)  # data and counts before the entries that use them
             cs = self.cluster_size
             for offset, table in sorted(self._dirty_l2.items()):
-                _pwrite_all(self.fd, table_to_bytes(table), offset, self.name)
+                write_all(self.fd, table_to_bytes(table), offset, self.name)
                 self.file_size = max(self.file_size, offset + cs)
                 self._cache.put(self._cache_owner, offset, table, cs)
             self._dirty_l2.clear()
             if self._dirty_l1:
-                os.fdatasync(self.fd)  # new L2 tables before the L1 entries naming them
+                sync(self.fd, self.name)  # new L2 tables before the L1 entries naming them
                 self._write_l1_entries(sorted(self._dirty_l1))
                 self._dirty_l1.clear()
             need_sync = True
         if need_sync:
-            os.fdatasync(self.fd)
+            sync(self.fd, self.name)
         self._data_dirty = False
         if refcounts is not None and refcounts.has_pending_frees:
             refcounts.apply_frees()
@@ -270,7 +277,7 @@ class Qcow2Writer:
     def _write_l1_entries(self, indexes: list[int]) -> None:
         first, last = indexes[0], indexes[-1]
         data = table_to_bytes(self.l1[first : last + 1])
-        _pwrite_all(self.fd, data, self.header.l1_table_offset + first * 8, self.name)
+        write_all(self.fd, data, self.header.l1_table_offset + first * 8, self.name)
 
     # -- resizing -------------------------------------------------------------------------
 
@@ -284,26 +291,41 @@ class Qcow2Writer:
             raise NotPermitted(f"{self.name}: shrinking a volume is not supported")
         if new_size == self.size:
             return
+        needed = self.header.l1_entries_needed(new_size)
+        if needed * 8 > MAX_L1_BYTES:
+            # What qemu-img resize answers: "Failed to grow the L1 table: File too large".
+            raise VfsnapError(f"{self.name}: {new_size} bytes need an L1 table of {needed} entries, more than "
+                              f"qcow2 allows with {self.cluster_size}-byte clusters", errno=errno_codes.EFBIG)
         self.prepare_for_writing()
         self.flush()
-        needed = self.header.l1_entries_needed(new_size)
         if needed <= len(self.l1):
             self.write_header(attrs.evolve(self.header, size=new_size))
             return
         refcounts = self._refcounts
         cb = self.cluster_bits
-        self._cache.pin((needed - len(self.l1)) * 8, what=self.name)
-        self._pinned += (needed - len(self.l1)) * 8
+        growth = (needed - len(self.l1)) * 8
+        try:
+            self._cache.pin(growth, what=self.name)
+        except VfsnapError as exc:
+            raise VfsnapError(f"{exc} (raise table_cache_size)", errno=errno_codes.EFBIG) from None
+        self._pinned += growth
         new_l1 = array("Q", self.l1)
         new_l1.extend([0] * (needed - len(new_l1)))
         clusters = -(-(needed * 8) // self.cluster_size)
         start = refcounts.allocate(clusters)
-        data = table_to_bytes(new_l1)
-        data += bytes((clusters << cb) - len(data))
-        _pwrite_all(self.fd, data, start << cb, self.name)
-        self.file_size = max(self.file_size, (start + clusters) << cb)
-        refcounts.write_increments()
-        os.fdatasync(self.fd)
+        try:
+            data = table_to_bytes(new_l1)
+            data += bytes((clusters << cb) - len(data))
+            write_all(self.fd, data, start << cb, self.name)
+            self.file_size = max(self.file_size, (start + clusters) << cb)
+            refcounts.write_increments()
+            sync(self.fd, self.name)
+        except VfsnapError:
+            for cluster in range(start, start + clusters):  # nothing references them yet
+                refcounts.change(cluster, -1)
+            self._cache.unpin(growth)
+            self._pinned -= growth
+            raise
         old_offset, old_size = self.header.l1_table_offset, self.header.l1_size
         self.write_header(attrs.evolve(self.header, size=new_size, l1_size=needed, l1_table_offset=start << cb))
         self.l1 = new_l1
@@ -315,15 +337,3 @@ class Qcow2Writer:
             self._metadata_clusters.difference_update(range(first, last + 1))
         self.flush()
 
-
-def _pwrite_all(fd: int, data, offset: int, name: str) -> None:
-    view = memoryview(data)
-    try:
-        while view:
-            written = os.pwrite(fd, view, offset)
-            view = view[written:]
-            offset += written
-    except OSError as exc:
-        if exc.errno in (errno_codes.ENOSPC, errno_codes.EDQUOT):
-            raise NoSpace(f"{name}: no space left on the share") from None
-        raise VfsnapError(f"{name}: write failed: {exc.strerror}", errno=exc.errno or errno_codes.EIO) from None

@@ -67,6 +67,15 @@ class InodeTable:
         if ino is not None and not self._lookups.get(ino):
             self._by_ino.pop(ino, None)
 
+    def rekey(self, old: tuple, new: tuple) -> None:
+        """The object named `old` is now named `new` (a rename): it keeps its inode number,
+        which the kernel has just moved to the new name."""
+        self.retire(new)
+        ino = self._by_key.pop(old, None)
+        if ino is not None:
+            self._by_key[new] = ino
+            self._by_ino[ino] = new
+
     def retire_where(self, predicate) -> None:
         """Retire every dynamic key for which `predicate(key)` is true."""
         for key in [k for k, ino in self._by_key.items() if ino >= FIRST_DYNAMIC and predicate(k)]:

@@ -376,15 +376,24 @@ class VfsnapOperations(pyfuse3.Operations):
             handle = self._handles.get(fh)
             raise fuse_error(exc, f"write {handle.key if handle else fh} at {off}+{len(buf)}") from None
 
-    @handler
     async def release(self, fh):
+        # The kernel discards errors of release: log them, whatever the errno, or nobody hears.
         handle = self._handles.pop(fh, None)
-        if handle is not None and handle.volume is not None:
+        if handle is None or handle.volume is None:
+            return
+        try:
+            if handle.writable and handle.volume.writers == 1:
+                handle.volume.close_writes()  # last writer gone: nothing stays only in memory
+        except Exception as exc:  # noqa: BLE001 - error boundary
+            if isinstance(exc, VfsnapError):
+                log.error("release of %s: %s", handle.key[1], exc)
+            else:
+                log.exception("release of %s", handle.key[1])
+        finally:
             try:
-                if handle.writable and handle.volume.writers == 1:
-                    handle.volume.close_writes()  # last writer gone: nothing stays only in memory
-            finally:
                 handle.volume.released(handle.snapshot, writing=handle.writable)
+            except Exception:  # noqa: BLE001
+                log.exception("releasing %s", handle.key[1])
 
     @handler
     async def flush(self, fh):
@@ -446,6 +455,16 @@ class VfsnapOperations(pyfuse3.Operations):
         self.inodes.retire(("snapshot", key[1], text))
         self.inodes.retire(("snapfile", key[1], text))
         self.start_merges(volume)
+
+    async def _finish_journals(self) -> None:
+        """Clear journal entries of operations that completed but could not record it (the
+        share failed right after their commit point), without waiting for the next mount."""
+        for volume in self.pool.volumes_needing_recovery():
+            try:
+                async with ChainChange(volume):  # which finishes the journal on entry
+                    pass
+            except VfsnapError as exc:
+                log.warning("%s: journal still cannot be cleared: %s", volume.name, exc)
 
     def start_merges(self, volume) -> None:
         """Run the volume's journalled deletions in the background (or at the next mount)."""
@@ -512,8 +531,8 @@ class VfsnapOperations(pyfuse3.Operations):
         volume = self.pool.volume(old)
         async with ChainChange(volume):
             self.pool.rename_volume(old, new)
+        self.inodes.rekey(("volume", old), ("volume", new))
         self._retire_volume(old)
-        self._retire_volume(new)
 
     @handler
     async def setattr(self, inode, attr, fields, fh, ctx):
@@ -578,13 +597,20 @@ class VfsnapOperations(pyfuse3.Operations):
         of metadata, so a crash loses little that was not fsynced."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            for volume in self.pool.volumes_with_pending_work():
+            try:
+                pending = self.pool.volumes_with_pending_work()
+            except Exception:  # noqa: BLE001 - a broken share file must not take the mount down
+                log.exception("looking for interrupted operations")
+                pending = []
+            for volume in pending:
                 self.start_merges(volume)
             interval = self.pool.options.metadata_flush_interval
             while interval > 0:
                 await trio.sleep(interval)
                 try:
                     self.pool.flush_all()
+                    self.pool.retry_unfinished()
+                    await self._finish_journals()
                 except Exception:  # noqa: BLE001 - keep flushing the other volumes next time
                     log.exception("background flush")
             await trio.sleep_forever()
@@ -593,13 +619,20 @@ class VfsnapOperations(pyfuse3.Operations):
         """Write back and close every volume (after `pyfuse3.main` returned)."""
         try:
             self.pool.flush_all()
+        except VfsnapError as exc:
+            # A full or failing share: what was fsynced is safe; the rest of the write-back
+            # is lost, and images left dirty are rebuilt at the next mount.
+            log.error("final write-back failed: %s", exc)
         except Exception:  # noqa: BLE001 - still close what can be closed
             log.exception("final flush")
         for handle in self._handles.values():
             if handle.volume is not None:
-                handle.volume.released()
+                handle.volume.released(handle.snapshot, writing=handle.writable)
         self._handles.clear()
-        self.pool.close()
+        try:
+            self.pool.close()
+        except Exception:  # noqa: BLE001 - unmount must go on (a full share, a dead server)
+            log.exception("closing the shares")
 
 
 __all__ = ["ROOT", "SNAPSHOTS", "VOLUMES", "CONTROL", "VfsnapOperations"]

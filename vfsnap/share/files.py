@@ -9,12 +9,15 @@ fsync of the directory, as DESIGN.md section 1 requires.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import secrets
 import stat
 
 from vfsnap.errors import CorruptImage, NoSpace, NotFound, VfsnapError
 from vfsnap.names import TEMP_PREFIX
+
+log = logging.getLogger(__name__)
 
 
 class ShareDir:
@@ -55,7 +58,9 @@ class ShareDir:
                 raise CorruptImage(f"{name}: is a symlink; images must be regular files on the share") from None
             if exc.errno == errno.ENOENT:
                 raise NotFound(f"{name}: no such file on the share") from None
-            raise
+            if exc.errno in (errno.EISDIR, errno.ENXIO, errno.ENODEV, errno.EOPNOTSUPP):
+                raise CorruptImage(f"{name}: not a regular file ({exc.strerror})") from None
+            raise _share_error(exc, name) from None
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise CorruptImage(f"{name}: not a regular file")
@@ -96,7 +101,13 @@ class ShareDir:
             except OSError:
                 pass
             raise _share_error(exc, name) from None
-        self.fsync()
+        # The new file is in place now, for every reader: report success whatever follows. A
+        # directory fsync that fails leaves the rename to the share's own next write-back; the
+        # caller must not act as if the old file were still there.
+        try:
+            self.fsync()
+        except OSError as exc:
+            log.error("%s: renamed into place, but syncing the directory failed: %s", name, exc.strerror)
 
     def rename(self, old: str, new: str) -> None:
         _check_plain(old)
@@ -135,5 +146,5 @@ def _check_plain(name: str) -> None:
 
 def _share_error(exc: OSError, name: str) -> VfsnapError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return NoSpace(f"{name}: share is full")
+        return NoSpace(f"{name}: share is full ({exc.strerror})")
     return VfsnapError(f"{name}: {os.strerror(exc.errno or errno.EIO)}", errno=exc.errno or errno.EIO)

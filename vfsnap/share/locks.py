@@ -125,6 +125,8 @@ class ChainChange:
                 volume.refresh()  # we hold the writer lock: only `.info` can be news
             else:
                 volume.reload_all()  # another host may have written any of it before we locked
+            if volume.needs_recovery:
+                volume.finish_journal()
         except BaseException:
             volume.chain_lock.release()
             raise

@@ -30,10 +30,13 @@ class Pool:
         from vfsnap.share.share import open_share
 
         cache = TableCache(options.table_cache_size)
+        budget = None
         shares = []
         for path in paths:
             share = open_share(path, options)
             share.table_cache = cache
+            budget = budget or share.map_budget
+            share.map_budget = budget  # one budget for the whole mount
             shares.append(share)
         return cls(shares, options)
 
@@ -108,6 +111,24 @@ class Pool:
             for volume in share.open_volumes():
                 out += operations(volume)
         return out
+
+    def volumes_needing_recovery(self) -> list[Volume]:
+        return [v for share in self.shares for v in share.open_volumes() if v.needs_recovery]
+
+    def retry_unfinished(self) -> None:
+        """Finish renames that failed midway (the share was full, say): they are journalled,
+        and every step is idempotent."""
+        from vfsnap.share.rename import pending_renames, run_rename
+
+        for share in self.shares:
+            if not share.rename_unfinished:
+                continue
+            try:
+                for entry in pending_renames(share):
+                    run_rename(share, entry)
+                share.rename_unfinished = False
+            except Exception as exc:  # noqa: BLE001 - tried again at the next tick
+                log.warning("%s: an unfinished rename still cannot complete: %s", share.path, exc)
 
     def flush_all(self) -> None:
         """Write back every volume's metadata (the periodic background flush)."""

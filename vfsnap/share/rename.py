@@ -2,23 +2,34 @@
 
 `mv volumes/a volumes/b` renames `a` to `b`, each overlay `a.<snap>` to `b.<snap>`, rewrites each
 overlay's backing name (relative names of the new files, formats unchanged), writes `b.info`
-and moves the sidecar. The plan is journalled in `a`'s sidecar first; every step checks what is
-already done, so `recover_rename` can simply run the plan again after a crash, whichever of
-`a.vfsnap.json` or `b.vfsnap.json` holds it by then.
+and moves the sidecar. The plan is journalled first, in a hidden file of its own named after
+the new name (`.vfsnap-rename-<hash of b>`: any host looking up a file `b.<snap>` can tell it
+belongs to a rename under way, not to a volume of its own), and removed after the last step.
+Every step checks what is already done, so after a crash, or a failure of the share in the
+middle, the plan is simply run again (at the next mount, by `vfsnap check --repair`, or by the
+mount's background task) until it completes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 
-from vfsnap.errors import AlreadyExists, Busy, NameTooLong, ReadOnly
+from vfsnap.errors import AlreadyExists, Busy, CorruptImage, NameTooLong, ReadOnly
 from vfsnap.format import Qcow2Image, TableCache
 from vfsnap.format.header import read_header
 from vfsnap.names import NAME_MAX, check_volume_name, info_file, overlay_file, sidecar_file
-from vfsnap.share.info import VolumeInfo, parse_info, parse_sidecar
+from vfsnap.share.info import VolumeInfo, parse_info
 
 log = logging.getLogger(__name__)
+
+JOURNAL_PREFIX = ".vfsnap-rename-"
+
+
+def journal_file(new: str) -> str:
+    return JOURNAL_PREFIX + hashlib.sha256(new.encode()).hexdigest()[:32]
 
 
 def rename_volume(share, old: str, new: str) -> None:
@@ -35,7 +46,7 @@ def rename_volume(share, old: str, new: str) -> None:
     files = {name: new + name[len(old) :] for name in chain}
     for snapshot, overlay in info.snapshots.items():
         files.setdefault(overlay, overlay_file(new, snapshot))
-    targets = list(files.values()) + [info_file(new), sidecar_file(new)]
+    targets = list(files.values()) + [info_file(new), sidecar_file(new), journal_file(new)]
     for target in targets:
         if share.dir.exists(target):
             raise AlreadyExists(f"{target} already exists on {share.path}")
@@ -44,14 +55,42 @@ def rename_volume(share, old: str, new: str) -> None:
             raise NameTooLong(f"{target!r} would exceed NAME_MAX")
     entry = {"op": "rename", "from": old, "to": new, "files": files, "chain": chain,
              "formats": {name: volume.format_of(name) for name in chain}}
-    volume.save_sidecar(volume.sidecar().with_entry(entry))
+    journal = journal_file(new)
+    share.dir.write_atomic(journal, json.dumps(entry, indent=1, sort_keys=True).encode())
     volume.close()
     share.forget_volume(old)
-    run_rename(share, entry)
+    try:
+        run_rename(share, entry)
+    except BaseException as exc:
+        # A failed mv should change nothing anyone sees: undo what was done, by the same
+        # idempotent steps in the other direction. If even that fails, the journal stays and
+        # the rename is finished later (the mount's background task, the next mount, check).
+        try:
+            run_rename(share, reversed_plan(entry), journal=journal)
+            log.warning("renaming %s to %s failed (%s); undone", old, new, exc)
+        except BaseException as undo_exc:  # noqa: BLE001
+            log.error("renaming %s to %s failed (%s), and so did undoing it (%s); it will be finished later",
+                      old, new, exc, undo_exc)
+            share.rename_unfinished = True
+        raise
 
 
-def run_rename(share, entry: dict) -> None:
-    """Carry out (or finish) a journalled rename; every step is idempotent."""
+def reversed_plan(entry: dict) -> dict:
+    """The plan that takes a (partly) renamed volume back to its old names."""
+    files = entry["files"]
+    return {
+        "op": "rename",
+        "from": entry["to"],
+        "to": entry["from"],
+        "files": {new: old for old, new in files.items()},
+        "chain": [files[name] for name in entry["chain"]],
+        "formats": {files[name]: fmt for name, fmt in entry["formats"].items()},
+    }
+
+
+def run_rename(share, entry: dict, *, journal: str | None = None) -> None:
+    """Carry out (or finish) a journalled rename; every step is idempotent. The journal file
+    (by default the plan's own) is removed after the last step."""
     old, new, files = entry["from"], entry["to"], entry["files"]
     chain, formats = entry["chain"], entry["formats"]
     d = share.dir
@@ -82,10 +121,8 @@ def run_rename(share, entry: dict) -> None:
     if d.exists(sidecar_file(old)):
         d.rename(sidecar_file(old), sidecar_file(new))
         d.fsync()
-    data = d.read_small(sidecar_file(new))
-    if data is not None:
-        sidecar = parse_sidecar(data, name=sidecar_file(new))
-        d.write_atomic(sidecar_file(new), sidecar.without_entry(entry).to_json())
+    d.unlink(journal or journal_file(new))
+    d.fsync()
     log.info("renamed volume %s to %s on %s", old, new, share.path)
 
 
@@ -102,14 +139,33 @@ def _rebase_file(share, name: str, backing: str, backing_format: str) -> None:
 
 
 def pending_renames(share) -> list[dict]:
-    """Rename entries in any sidecar of the share (the volume may be half renamed)."""
-    entries = []
-    for name in share.dir.listdir():
-        if not name.endswith(".vfsnap.json"):
-            continue
-        data = share.dir.read_small(name)
-        if data is None or b'"rename"' not in data:
-            continue
-        sidecar = parse_sidecar(data, name=name)
-        entries += [e for e in sidecar.journal if e["op"] == "rename"]
-    return entries
+    """Renames under way (or interrupted) on the share."""
+    return [entry for name in share.dir.listdir() if name.startswith(JOURNAL_PREFIX)
+            if (entry := read_journal(share, name)) is not None]
+
+
+def read_journal(share, name: str) -> dict | None:
+    data = share.dir.read_small(name)
+    if data is None:
+        return None
+    try:
+        entry = json.loads(data)
+        if entry.get("op") != "rename" or not isinstance(entry.get("files"), dict):
+            raise ValueError("not a rename plan")
+    except (ValueError, AttributeError) as exc:
+        raise CorruptImage(f"{name}: unreadable rename journal ({exc})") from None
+    return entry
+
+
+def rename_claims(share, name: str) -> bool:
+    """True when `name` is an overlay already renamed by a rename under way (cheap: one stat
+    per possible new name, the prefixes of `name`). Not yet renamed overlays are still named
+    by the old `.info`."""
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        journal = journal_file(".".join(parts[:i]))
+        if share.dir.exists(journal):
+            entry = read_journal(share, journal)
+            if entry is not None and name in set(entry["files"].values()) - {entry["to"]}:
+                return True
+    return False

@@ -15,10 +15,19 @@ import stat
 
 import attrs
 
-from vfsnap.errors import AlreadyExists, Busy, CorruptImage, NoSpace, NotFound, ReadOnly, VfsnapError
+from vfsnap.errors import AlreadyExists, Busy, NoSpace, NotFound, ReadOnly, VfsnapError
+from vfsnap.chain.view import MapBudget
 from vfsnap.format import TableCache
 from vfsnap.format.create import create_qcow2
-from vfsnap.names import INFO_SUFFIX, SIDECAR_SUFFIX, check_volume_name, info_file, is_volume_name, sidecar_file
+from vfsnap.names import (
+    INFO_SUFFIX,
+    SIDECAR_SUFFIX,
+    check_volume_name,
+    info_file,
+    is_snapshot_name,
+    is_volume_name,
+    sidecar_file,
+)
 from vfsnap.options import MountOptions
 from vfsnap.share.files import ShareDir
 from vfsnap.share.info import Sidecar, parse_info, parse_sidecar
@@ -41,7 +50,12 @@ class Share:
         self.dir = ShareDir(path)
         self.path = self.dir.path
         self.table_cache = table_cache or TableCache(options.table_cache_size)
+        # Resolved maps of every view: bounded by the same size as the table cache.
+        self.map_budget = MapBudget(options.table_cache_size)
         self._volumes: dict[str, Volume] = {}
+        self.rename_unfinished = False  # a rename failed midway; the background task retries
+        # NFS and FUSE filesystems (GlusterFS) cache across opens, not across hosts' writes.
+        self.network = filesystem_type(self.path) in NETWORK_FILESYSTEMS
         self._overlay_cache: dict[str, tuple[tuple, frozenset[str]]] = {}
 
     @property
@@ -50,14 +64,18 @@ class Share:
 
     def close(self) -> None:
         for volume in self._volumes.values():
-            volume.close()
+            try:
+                volume.close()
+            except Exception:  # noqa: BLE001 - close the others all the same
+                log.exception("%s: closing", volume.name)
         self._volumes.clear()
         self.dir.close()
 
     # -- which files are volumes ----------------------------------------------------------
 
-    def _cached_names(self, file_name: str, parse) -> frozenset[str]:
-        """Image names a small document names (cached by the file's identity and mtime)."""
+    def _cached_names(self, file_name: str, parse) -> frozenset[str] | None:
+        """Image names a small document names (cached by the file's identity and mtime);
+        None when the document exists but cannot be parsed."""
         st = self.dir.stat(file_name)
         if st is None:
             return frozenset()
@@ -67,16 +85,16 @@ class Share:
             return cached[1]
         try:
             names = frozenset(parse(self.dir.read_small(file_name) or b"{}", file_name))
-        except CorruptImage as exc:
+        except VfsnapError as exc:
             log.warning("%s", exc)
-            names = frozenset()
+            names = None
         self._overlay_cache[file_name] = (stamp, names)
         return names
 
-    def _overlays_of(self, volume: str) -> frozenset[str]:
-        """The files of `volume` other than its base: what its `.info` names, and the overlays
-        its journal names (a snapshot another host is taking right now: file made, not yet
-        committed to `.info`). The journal entry is written before the file is created."""
+    def _overlays_of(self, volume: str) -> frozenset[str] | None:
+        """The files of `volume` other than its base: what its `.info` names, and what its
+        journal names (a snapshot another host is taking: file made, not yet in `.info`). None when its `.info` is unreadable: then every
+        `<volume>.<snap>` file is taken to be its own, never a volume of its own."""
 
         def from_info(data: bytes, name: str):
             info = parse_info(data, name=name)
@@ -85,21 +103,35 @@ class Share:
         def from_journal(data: bytes, name: str):
             return {e.get("overlay") for e in parse_sidecar(data, name=name).journal} - {None}
 
-        names = self._cached_names(volume + INFO_SUFFIX, from_info)
-        names |= self._cached_names(sidecar_file(volume), from_journal)
-        return names - {volume}
+        info_names = self._cached_names(volume + INFO_SUFFIX, from_info)
+        journal_names = self._cached_names(sidecar_file(volume), from_journal) or frozenset()
+        if info_names is None:
+            return None
+        return (info_names | journal_names) - {volume}
+
+    def _owned_by(self, owner: str, name: str) -> bool:
+        overlays = self._overlays_of(owner)
+        if overlays is None:
+            return name.startswith(owner + ".") and is_snapshot_name(name[len(owner) + 1 :])
+        return name in overlays
 
     def volume_names(self) -> list[str]:
+        from vfsnap.share.rename import pending_renames
+
         entries = self.dir.listdir()
-        present = set(entries)
-        overlays: set[str] = set()
+        owners = set()
         for name in entries:
             for suffix in (INFO_SUFFIX, SIDECAR_SUFFIX):
-                if name.endswith(suffix) and name[: -len(suffix)] in present:
-                    overlays |= self._overlays_of(name[: -len(suffix)])
+                if name.endswith(suffix):
+                    owners.add(name[: -len(suffix)])
+        renaming: set[str] = set()
+        for entry in pending_renames(self):  # files of a rename under way: never volumes
+            renaming |= (set(entry["files"]) | set(entry["files"].values())) - {entry["from"], entry["to"]}
         volumes = []
         for name in entries:
-            if name in overlays or not is_volume_name(name):
+            if not is_volume_name(name) or name in renaming:
+                continue
+            if any(self._owned_by(owner, name) for owner in owners if owner != name):
                 continue
             st = self.dir.stat(name)
             if st is not None and stat.S_ISREG(st.st_mode):
@@ -114,12 +146,14 @@ class Share:
         if st is None or not stat.S_ISREG(st.st_mode):
             return False
         # An overlay of another volume is not a volume: look only at the volumes that could
-        # own it (volume `a` for file `a.b`, `a.b` for `a.b.c`, ...).
+        # own it (volume `a` for file `a.b`, `a.b` for `a.b.c`, ...), and at a rename under way.
         parts = name.split(".")
         for i in range(1, len(parts)):
-            if name in self._overlays_of(".".join(parts[:i])):
+            if self._owned_by(".".join(parts[:i]), name):
                 return False
-        return True
+        from vfsnap.share.rename import rename_claims
+
+        return not rename_claims(self, name)
 
     def volume(self, name: str) -> Volume:
         """The volume `name`, or NotFound."""
@@ -141,10 +175,10 @@ class Share:
         """Volumes whose sidecar holds unfinished operations (found by reading sidecars)."""
         found = []
         for name in self.volume_names():
-            data = self.dir.read_small(sidecar_file(name))
-            if data is None or b'"journal"' not in data:
-                continue
             try:
+                data = self.dir.read_small(sidecar_file(name))
+                if data is None or b'"journal"' not in data:
+                    continue
                 found.append(self.volume(name))
             except VfsnapError as exc:
                 log.error("%s: cannot resume its operations: %s", name, exc)
@@ -266,6 +300,26 @@ class Share:
             available=st.f_bavail * st.f_frsize,
             block_size=st.f_frsize,
         )
+
+
+NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "fuse.glusterfs", "glusterfs", "ceph", "cifs", "smb3", "9p"})
+
+
+def filesystem_type(path: str) -> str:
+    """The type of the filesystem holding `path`, from /proc/mounts (longest mountpoint)."""
+    best, kind = "", ""
+    try:
+        with open("/proc/mounts") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                point = fields[1].replace("\\040", " ")
+                if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
+                    best, kind = point, fields[2]
+    except OSError:
+        pass
+    return kind
 
 
 @contextlib.contextmanager

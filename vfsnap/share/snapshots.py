@@ -76,14 +76,24 @@ def take_snapshot(volume, snapshot: str, *, now: float | None = None) -> None:
             volume.share.dir.unlink(overlay)
         volume.save_sidecar(volume.sidecar().without_entry(entry))
         raise
+    # Committed: from here on nothing may report the snapshot as failed.
     _switch_to_new_top(volume, view)
-    volume.save_sidecar(volume.sidecar().with_created(snapshot, now or time.time()).without_entry(entry))
+    try:
+        volume.save_sidecar(volume.sidecar().with_created(snapshot, now or time.time()).without_entry(entry))
+    except (VfsnapError, OSError) as exc:
+        # The journal entry stays; the mount's background task (or the next mount) records the
+        # time and clears it.
+        log.error("%s: snapshot %s taken, but its record could not be written: %s", volume.name, snapshot, exc)
+        volume.needs_recovery = True
     log.info("%s: took snapshot %s (%s)", volume.name, snapshot, overlay)
 
 
 def _switch_to_new_top(volume, view: View) -> None:
     old_top = view.top
-    old_top.close_writes()
+    try:
+        old_top.close_writes()  # flushed before the commit; this clears its dirty mark
+    except (VfsnapError, OSError) as exc:
+        log.error("%s: %s stays marked dirty: %s", volume.name, old_top.name, exc)
     old_top.writable = False  # it is a backing file now: nothing may write it any more
     volume.rebuild_views()
 

@@ -53,6 +53,8 @@ class Volume:
         self.running_merge = None
         self.failed: dict[str, str] = {}  # snapshot -> error of a merge that failed
         self.runner_active = False
+        # A committed operation whose journal entry could not be cleared (see snapshots.py).
+        self.needs_recovery = False
 
     # -- files ----------------------------------------------------------------------------
 
@@ -230,7 +232,8 @@ class Volume:
     def live_view(self) -> View:
         self.info()  # notices changes made on the share by others
         if self._live_view is None:
-            self._live_view = View(self.live_chain(), name=self.name, max_chunks=self.share.options.map_cache_chunks)
+            self._live_view = View(self.live_chain(), name=self.name, budget=self.share.map_budget, split_top=True,
+                                   max_chunks=self.share.options.map_cache_chunks)
         return self._live_view
 
     def _views(self) -> list[View]:
@@ -288,7 +291,7 @@ class Volume:
             raise NotFound(f"volume {self.name} has no snapshot {snapshot}")
         view = self._snapshot_views.get(snapshot)
         if view is None:
-            view = View(self._snapshot_chain(snapshot), name=f"{self.name}@{snapshot}",
+            view = View(self._snapshot_chain(snapshot), name=f"{self.name}@{snapshot}", budget=self.share.map_budget,
                         max_chunks=self.share.options.map_cache_chunks)
             self._snapshot_views[snapshot] = view
         return view
@@ -337,6 +340,8 @@ class Volume:
         """Rebuild the refcounts of images a crash left marked dirty (reclaims leaked clusters)."""
         repaired = []
         for name in self.files():
+            if self.format_of(name) != "qcow2":
+                continue  # a raw disk whose guest wrote a qcow2 header is still raw (invariant 4)
             fd = self.share.dir.open_regular(name, os.O_RDONLY)
             try:
                 head = os.pread(fd, 80, 0)
@@ -356,6 +361,17 @@ class Volume:
             log.warning("%s: %s was left dirty by a crash; refcounts rebuilt", self.name, name)
         return repaired
 
+    def finish_journal(self) -> None:
+        """Clear what committed operations left in the journal (see `needs_recovery`)."""
+        from vfsnap.share.snapshots import recover
+
+        try:
+            for line in recover(self):
+                log.info("%s", line)
+            self.needs_recovery = False
+        except (VfsnapError, OSError) as exc:
+            log.warning("%s: journal still cannot be cleared: %s", self.name, exc)
+
     # -- lifetime -------------------------------------------------------------------------
 
     def _retire(self, image: Image) -> None:
@@ -363,7 +379,7 @@ class Volume:
         if image.writable:
             try:
                 image.close_writes()
-            except VfsnapError as exc:
+            except (VfsnapError, OSError) as exc:
                 log.error("%s: flushing %s before closing it: %s", self.name, image.name, exc)
         if self.open_count:
             self._retired.append(image)
@@ -410,9 +426,14 @@ class Volume:
         if self._live_view is None:
             return
         top = self._live_view.top
-        # A new descriptor, not just a re-read: network filesystems (NFS, GlusterFS) revalidate
-        # their caches on open (close-to-open consistency), not on every read of an open file.
-        self.reopen(top.name, writable=top.writable)
+        if top.writable:
+            top.close_writes()  # ours first: nothing unwritten, and no dirty mark left behind
+        if self.share.network:
+            # A new descriptor, not just a re-read: network filesystems (NFS, GlusterFS)
+            # revalidate their caches on open (close-to-open), not on reads of an open file.
+            top.replace_fd(self.share.dir.open_regular(top.name, os.O_RDWR if top.writable else os.O_RDONLY))
+        top.reload()
+        self._live_view.invalidate()  # its chunks named the old descriptor, and old tables
 
     def released(self, snapshot: str | None = None, *, writing: bool = False) -> None:
         self.open_count -= 1
@@ -430,11 +451,15 @@ class Volume:
             self._retired.clear()
 
     def close(self) -> None:
+        if self.needs_recovery and not self.share.read_only:
+            self.finish_journal()
         for image in list(self._images.values()) + self._retired:
             if image.writable and not image.closed:
                 try:
                     image.close_writes()
-                except VfsnapError as exc:
+                except (VfsnapError, OSError) as exc:
+                    # Written as far as the share allowed; the dirty mark (if any) stays, and
+                    # the next mount rebuilds the refcounts.
                     log.error("%s: final flush of %s: %s", self.name, image.name, exc)
             image.close()
         self._images.clear()
