@@ -283,8 +283,13 @@ class View:
 
     # -- reading --------------------------------------------------------------------------
 
-    def read(self, offset: int, length: int):
-        """Bytes [offset, offset+length) of the view, short only at the end of the disk."""
+    def read(self, offset: int, length: int, *, transient: bool = False):
+        """Bytes [offset, offset+length) of the view, short only at the end of the disk.
+
+        With `transient`, a read spanning several extents is assembled in a buffer shared by all
+        views and returned as a view of it, valid only until the next transient read: for the
+        FUSE read handler, which hands it to the kernel before anything else runs.
+        """
         size = self._size
         if offset >= size or length <= 0:
             return b""
@@ -303,26 +308,27 @@ class View:
                     return pread_full(fd, end - offset, chunk.hosts[i] + offset - chunk.starts[i])
                 if fd == ZERO_FD:
                     return bytes(end - offset)
-        return self._read_extents(offset, end)
+        if transient:
+            return self._read_extents(offset, end, _shared_buffer(end - offset))
+        return self._read_extents(offset, end, memoryview(bytearray(end - offset)))
 
-    def _read_extents(self, offset: int, end: int) -> bytearray:
+    def _read_extents(self, offset: int, end: int, view: memoryview):
         """A read that spans extents, assembled in one buffer (no join of pieces)."""
-        buffer = bytearray(end - offset)
-        view = memoryview(buffer)
         for start, stop, fd, host in self.extents(offset, end):
             target = view[start - offset : stop - offset]
             if fd >= 0:
                 _preadv_full(fd, target, host)
+            elif fd == ZERO_FD:
+                target[:] = bytes(stop - start)
             elif fd == COMPRESSED_FD:
                 cluster: CompressedCluster = host
                 data = cluster.image.read_compressed(cluster)
                 base = cluster.guest_cluster * len(data)
                 target[:] = data[start - base : stop - base]
-            elif fd == BAD_FD:
+            else:
                 # A fresh exception each time: re-raising one object would grow its traceback.
                 raise CorruptImage(str(host))
-            # ZERO_FD: the buffer is zeros already
-        return buffer
+        return view
 
     # -- writing (live views only: the top image must be writable) ------------------------
 
@@ -379,6 +385,11 @@ class View:
         cb = top.cluster_bits
         run_start, run_end = first << cb, stop << cb
         end = offset + len(data)
+        if offset <= run_start and end >= run_end:
+            # Whole clusters: nothing to copy from below, no buffer to assemble.
+            host = top.write_clusters(first, data[run_start - offset : run_end - offset])
+            self._patch(run_start, run_end, top.fd, host)
+            return
         buffer = bytearray(run_end - run_start)
         if offset > run_start:
             head = self.read(run_start, offset - run_start)
@@ -500,10 +511,21 @@ def _merge_extents(extents: list[tuple[int, int, int, object]]) -> list[tuple[in
 
 
 def _preadv_full(fd: int, target: memoryview, offset: int) -> None:
-    """Fill `target` from `fd` at `offset`; what lies past the end of the file stays zero."""
+    """Fill `target` from `fd` at `offset`; what lies past the end of the file reads as zeros."""
     done = 0
     while done < len(target):
         got = os.preadv(fd, [target[done:]], offset + done)
         if got <= 0:
+            target[done:] = bytes(len(target) - done)
             return
         done += got
+
+
+_shared = bytearray(0)
+
+
+def _shared_buffer(size: int) -> memoryview:
+    global _shared
+    if len(_shared) < size:
+        _shared = bytearray(max(size, 1 << 20))
+    return memoryview(_shared)[:size]

@@ -69,6 +69,7 @@ class Qcow2Image(Qcow2Writer, Image):
         self._dirty_l2: dict[int, array] = {}
         self._dirty_l1: set[int] = set()
         self._data_dirty = False
+        self._in_place: dict[int, int] = {}  # guest cluster -> host offset, writable in place
 
     # -- opening --------------------------------------------------------------------------
 
@@ -147,6 +148,7 @@ class Qcow2Image(Qcow2Writer, Image):
         self._cache.discard_owner(self._cache_owner)
         self._last_compressed = None
         self._refcounts = None
+        self._in_place.clear()
 
     # -- L2 tables ------------------------------------------------------------------------
 

@@ -4,11 +4,11 @@ whose last 24 bytes read as zeros)."""
 
 from __future__ import annotations
 
-import errno
 import os
 
-from vfsnap.errors import NoSpace, NotPermitted, ReadOnly, VfsnapError
+from vfsnap.errors import NotPermitted, ReadOnly
 from vfsnap.format.image import DATA, Image
+from vfsnap.format.tables import write_error
 
 
 class RawImage(Image):
@@ -47,7 +47,7 @@ class RawImage(Image):
                 view = view[written:]
                 offset += written
         except OSError as exc:
-            raise _write_error(exc, self.name) from None
+            raise write_error(exc, self.name) from None
         self._dirty = True
 
     def write_zeroes(self, offset: int, length: int) -> None:
@@ -69,7 +69,7 @@ class RawImage(Image):
             try:
                 os.fdatasync(self.fd)
             except OSError as exc:
-                raise _write_error(exc, self.name) from None
+                raise write_error(exc, self.name) from None
             self._dirty = False
 
     def resize(self, new_size: int, *, thick: bool = False) -> None:
@@ -85,18 +85,12 @@ class RawImage(Image):
                 os.ftruncate(self.fd, new_size)
             os.fsync(self.fd)
         except OSError as exc:
-            raise _write_error(exc, self.name) from None
+            raise write_error(exc, self.name) from None
         self._size = new_size
 
 
 def _sectors(size: int) -> int:
     return -(-size // 512) * 512
-
-
-def _write_error(exc: OSError, name: str) -> VfsnapError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return NoSpace(f"{name}: no space left on the share ({exc.strerror})")
-    return VfsnapError(f"{name}: {exc.strerror}", errno=exc.errno or errno.EIO)
 
 
 FALLOC_FL_KEEP_SIZE = 0x01

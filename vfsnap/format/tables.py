@@ -84,8 +84,6 @@ class ClusterSet:
 
 def write_all(fd: int, data, offset: int, name: str) -> None:
     """pwrite all of `data`; a full share becomes NoSpace, other failures VfsnapError."""
-    from vfsnap.errors import NoSpace, VfsnapError
-
     view = memoryview(data)
     try:
         while view:
@@ -93,9 +91,16 @@ def write_all(fd: int, data, offset: int, name: str) -> None:
             view = view[written:]
             offset += written
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise NoSpace(f"{name}: no space left on the share ({exc.strerror})") from None
-        raise VfsnapError(f"{name}: write failed: {exc.strerror}", errno=exc.errno or errno.EIO) from None
+        raise write_error(exc, name) from None
+
+
+def write_error(exc: OSError, name: str):
+    """The domain error for a failed write to an image."""
+    from vfsnap.errors import NoSpace, VfsnapError
+
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace(f"{name}: no space left on the share ({exc.strerror})")
+    return VfsnapError(f"{name}: write failed: {exc.strerror}", errno=exc.errno or errno.EIO)
 
 
 def sync(fd: int, name: str) -> None:

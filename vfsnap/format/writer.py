@@ -24,12 +24,15 @@ from vfsnap.format.tables import (
     sync,
     table_to_bytes,
     write_all,
+    write_error,
 )
 
 log = logging.getLogger(__name__)
 
 # Write back dirty L2 tables once this many are held (bounds memory and what a crash loses).
 MAX_DIRTY_L2_TABLES = 256
+# Clusters remembered as writable in place (a dict entry each, about 100 bytes).
+MAX_IN_PLACE_CLUSTERS = 1 << 16
 
 
 class Qcow2Writer:
@@ -123,6 +126,9 @@ class Qcow2Writer:
         cluster = offset >> cb
         if (offset + length - 1) >> cb != cluster:
             return None
+        known = self._in_place.get(cluster)
+        if known is not None:
+            return known + (offset - (cluster << cb))
         l1_index = cluster >> self.l2_bits
         if l1_index >= len(self.l1) or not self.l1[l1_index] & OFLAG_COPIED:
             return None
@@ -139,10 +145,20 @@ class Qcow2Writer:
         host = entry & OFFSET_MASK
         if not host or self._check_data_cluster(host, cluster << cb) is not None:
             return None
+        # Remember the answer: the next write to this cluster skips the table walk. Forgotten
+        # whenever the cluster's entry changes (_set_entry) or the tables are reloaded.
+        if len(self._in_place) >= MAX_IN_PLACE_CLUSTERS:
+            self._in_place.clear()
+        self._in_place[cluster] = host
         return host + (offset - (cluster << cb))
 
     def write_in_place(self, host: int, data) -> None:
-        write_all(self.fd, data, host, self.name)
+        try:
+            written = os.pwrite(self.fd, data, host)
+        except OSError as exc:
+            raise write_error(exc, self.name) from None
+        if written != len(data):  # short: finish it
+            write_all(self.fd, memoryview(data)[written:], host + written, self.name)
         self._data_dirty = True
 
     def write_clusters(self, first_cluster: int, data) -> int:
@@ -188,6 +204,7 @@ class Qcow2Writer:
                 self._set_entry(cluster, OFLAG_ZERO, 0)
 
     def _set_entry(self, cluster: int, entry: int, bitmap: int) -> None:
+        self._in_place.pop(cluster, None)
         l1_index = cluster >> self.l2_bits
         if l1_index >= len(self.l1):
             raise CorruptImage(f"{self.name}: write beyond the L1 table (guest cluster {cluster})")

@@ -78,14 +78,17 @@ def handler(func):
 
 
 class Handle:
-    __slots__ = ("view", "volume", "key", "writable", "snapshot")
+    __slots__ = ("view", "volume", "key", "writable", "snapshot", "sync")
 
-    def __init__(self, view, volume, key, writable=False):
+    def __init__(self, view, volume, key, writable=False, sync=False):
         self.view = view
         self.volume = volume
         self.key = key
         self.writable = writable
         self.snapshot = key[2] if key[0] == "snapfile" else None
+        # O_DSYNC/O_SYNC: with direct_io the kernel sends no fsync after such writes, so
+        # every write of this handle is made durable before it is acknowledged.
+        self.sync = sync
 
 
 class VfsnapOperations(pyfuse3.Operations):
@@ -345,11 +348,18 @@ class VfsnapOperations(pyfuse3.Operations):
             if flags & os.O_TRUNC and view.size:
                 raise pyfuse3.FUSEError(errno.EPERM)  # truncating a disk to zero: shrinking
             keep_cache = False  # another host may have written it since
-        return self._open_handle(Handle(view, volume, key, bool(writing)), keep_cache)
+        # An O_DIRECT open (a hypervisor with cache=none, fio direct=1) gets FUSE's direct_io:
+        # no page cache, and no round trip per write: through the page cache path the kernel
+        # asks getxattr("security.capability") before each write (file_remove_privs) once a
+        # filesystem has xattrs; measured: 4 KiB writes 6.6k -> 11.3k IOPS. Buffered opens keep
+        # the page cache, so that shared mmap works. Snapshot files always keep it.
+        direct = bool(flags & os.O_DIRECT)
+        sync = direct and bool(writing) and bool(flags & (os.O_DSYNC | os.O_SYNC))
+        return self._open_handle(Handle(view, volume, key, bool(writing), sync), keep_cache, direct_io=direct)
 
-    def _open_handle(self, handle: Handle, keep_cache: bool) -> pyfuse3.FileInfo:
+    def _open_handle(self, handle: Handle, keep_cache: bool, direct_io: bool = False) -> pyfuse3.FileInfo:
         handle.volume.opened(handle.snapshot, writing=handle.writable)
-        return pyfuse3.FileInfo(fh=self._new_handle(handle), keep_cache=keep_cache)
+        return pyfuse3.FileInfo(fh=self._new_handle(handle), keep_cache=keep_cache, direct_io=direct_io)
 
     def _new_handle(self, handle: Handle) -> int:
         fh = self._next_fh
@@ -360,7 +370,7 @@ class VfsnapOperations(pyfuse3.Operations):
     async def read(self, fh, off, size):
         # Hot path: no decorator frame; the same error boundary inline.
         try:
-            return self._handles[fh].view.read(off, size)
+            return self._handles[fh].view.read(off, size, transient=True)
         except Exception as exc:  # noqa: BLE001 - error boundary
             handle = self._handles.get(fh)
             raise fuse_error(exc, f"read {handle.key if handle else fh} at {off}+{size}") from None
@@ -371,7 +381,10 @@ class VfsnapOperations(pyfuse3.Operations):
             handle = self._handles[fh]
             if not handle.writable:
                 raise pyfuse3.FUSEError(errno.EBADF)
-            return handle.view.write(off, buf)
+            written = handle.view.write(off, buf)
+            if handle.sync:
+                handle.volume.flush()
+            return written
         except Exception as exc:  # noqa: BLE001 - error boundary
             handle = self._handles.get(fh)
             raise fuse_error(exc, f"write {handle.key if handle else fh} at {off}+{len(buf)}") from None
