@@ -12,10 +12,13 @@ import shutil
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+# The GlusterFS fixtures are session-wide: registered once here, so that every module shares one
+# volume (imported into two modules, a session fixture would be set up twice).
+pytest_plugins = ["tests.gluster"]
 
 ROOT = Path(__file__).resolve().parent.parent
 FUSERMOUNT = shutil.which("fusermount3") or shutil.which("fusermount")

@@ -35,7 +35,6 @@ from vfsnap.faults import FaultPlan
 from vfsnap.options import MountOptions
 from vfsnap.share import snapshots
 from vfsnap.share.pool import Pool
-from vfsnap.share.rename import rename_volume
 from vfsnap.share.share import Share
 
 OPTIONS = MountOptions(metadata_flush_interval=0)

@@ -12,7 +12,6 @@ import trio
 from tests.crash import (
     SIZE,
     VOLUME,
-    Outcome,
     Scenario,
     apply_acked,
     apply_acked_async,
@@ -22,7 +21,6 @@ from tests.crash import (
     sweep,
 )
 from vfsnap.share import snapshots
-from vfsnap.share.pool import Pool
 from vfsnap.share.rename import rename_volume
 
 CRASH_POINTS: dict[str, int] = {}

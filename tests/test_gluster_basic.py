@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import requires_fuse
-from tests.gluster import gluster_client, gluster_volume  # noqa: F401 (fixtures)
 from tests.qemu import flat_bytes, make_chain, qemu_io
 from tests.test_mount_helper import MountCall, helpers_installed  # noqa: F401 (fixture)
 from vfsnap.share.remote import mount_point_for, mounted_source

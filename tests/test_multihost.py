@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import requires_fuse
-from tests.gluster import gluster_client, gluster_volume  # noqa: F401 (fixtures)
 from tests.qemu import check as qemu_check
 from tests.qemu import make_chain
-from tests.test_snapshots_online import BLOCK, assert_prefix, block
+from tests.test_snapshots_online import BLOCK, block
 
 pytestmark = requires_fuse
 
@@ -136,7 +135,6 @@ def test_concurrent_writes_mkdir_and_rmdir_from_two_hosts_keep_the_chain_consist
     hosts = start()
     busy = {"count": 0}
     errors: list[BaseException] = []
-    written = {"blocks": 0}
 
     def writer(mnt, first, step):
         # Writes in short sessions (open, a few O_DSYNC blocks, close), from both hosts in turn.
