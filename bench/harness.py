@@ -605,6 +605,18 @@ def drop_caches() -> None:
         raise RuntimeError(f"cannot drop the page cache ({exc}); run as root or without --drop-caches") from None
 
 
+def level_page_cache() -> None:
+    """Start every target from the same page cache: empty, then filled by the same sequential
+    warm-up pass. How a file came into the cache decides the size of its folios (ext4 has large
+    folios since Linux 6.11): on this machine a 1 MiB pread from a file that was just copied cost
+    120 us, from one cached by earlier random 4 KiB reads 156 us, which alone made one target 15%
+    slower than another at seqread-1M. Needs root; without it, a warning and the cache as it is."""
+    try:
+        drop_caches()
+    except RuntimeError as exc:
+        log(f"warning: {exc}; targets start from whatever page cache earlier runs left")
+
+
 def write_replay_log(path: Path, offsets: list[int], length: int) -> Path:
     with open(path, "w") as f:
         f.write("fio version 2 iolog\nX add\nX open\n")
