@@ -605,16 +605,25 @@ def drop_caches() -> None:
         raise RuntimeError(f"cannot drop the page cache ({exc}); run as root or without --drop-caches") from None
 
 
-def level_page_cache() -> None:
-    """Start every target from the same page cache: empty, then filled by the same sequential
-    warm-up pass. How a file came into the cache decides the size of its folios (ext4 has large
-    folios since Linux 6.11): on this machine a 1 MiB pread from a file that was just copied cost
-    120 us, from one cached by earlier random 4 KiB reads 156 us, which alone made one target 15%
-    slower than another at seqread-1M. Needs root; without it, a warning and the cache as it is."""
+def level_page_cache(files: list[Path]) -> None:
+    """Start every target from the same page cache: dropped, then every file the targets read
+    (the chain's images, the flattened file) read once from start to end, the same way.
+
+    How a file came into the cache decides the size of its folios (ext4 has large folios since
+    Linux 6.11), and with it the cost of reading it again: on this machine a 1 MiB pread from a
+    file cached by a sequential read cost 118 us, from the same file cached by random 4 KiB
+    reads 156 us. Left to chance (or to each target's own first pass, which reads a deep chain's
+    overlays in scattered pieces and the flat file in one sweep), that alone moved vfsnap/ceiling
+    by 0.1 to 0.15. Needs root; without it, a warning and the cache as it is."""
     try:
         drop_caches()
     except RuntimeError as exc:
         log(f"warning: {exc}; targets start from whatever page cache earlier runs left")
+        return
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while f.read(4 * MiB):
+                pass
 
 
 def write_replay_log(path: Path, offsets: list[int], length: int) -> Path:

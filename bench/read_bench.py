@@ -206,7 +206,7 @@ def measure_depth(depth: int, size: int, names: list[str], workloads: list[Workl
     document["chains"][str(depth)] = {"key": spec.key, "share": str(chain.share), "flat": str(chain.flat),
                                       "samples": chain.samples}
     targets = make_targets(chain, names, args.workdir, depth, args.vfsnap_options)
-    h.level_page_cache()
+    h.level_page_cache([chain.share / name for name in chain.names] + [chain.flat])
     with h.started(targets):
         verify_and_warm_up(targets, chain, depth, full=not args.quick_verify)
         document.setdefault("reopen", {})[str(depth)] = measure_reopen(targets, size, depth, args.reps)
