@@ -9,8 +9,8 @@ extension lengths, aimed at the header, L1, L2, refcount and snapshot tables and
   within the limits it promises, which re-serializes to the same fields;
 - the read path: the chain opened as the daemon opens it (`backing_chain`), the whole virtual disk
   read through `View.read`: only VfsnapError may escape, each example within 2 s, memory bounded;
-- the offline check and the refcount rebuild the mount runs on dirty images (known bugs in the
-  internal snapshot table walk: deterministic reproducers, xfail);
+- the offline check and the refcount rebuild the mount runs on dirty images (the bugs this found
+  in the internal snapshot table walk are fixed; their reproducers are the test_check_bounds_* tests);
 - end to end: mutated chains mounted with FUSE and read whole: data or EIO, never another errno,
   never a byte from outside the chain, the daemon alive and its log free of tracebacks.
 

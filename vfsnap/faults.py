@@ -8,6 +8,7 @@ daemon after every single write, fsync and rename of an operation in turn (DESIG
     VFSNAP_FAULTS=crash:N            SIGKILL the process right after the N-th counted operation
     VFSNAP_FAULTS=error:N:ENOSPC     the N-th counted operation fails with that errno instead
     VFSNAP_FAULTS=count              only count (the total is written to VFSNAP_FAULTS_REPORT)
+    VFSNAP_FAULTS=slow:SECONDS       every counted operation first sleeps (a slow share)
     VFSNAP_FAULTS_OPS=pwrite,fsync   which operations count (default: all of OPERATIONS)
 
 Counted operations are the `os` functions through which vfsnap changes files on the share.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import errno as errno_codes
 import os
 import signal
+import time
 
 OPERATIONS = ("write", "pwrite", "fsync", "fdatasync", "rename", "unlink", "ftruncate", "posix_fallocate")
 
@@ -25,8 +27,8 @@ OPERATIONS = ("write", "pwrite", "fsync", "fdatasync", "rename", "unlink", "ftru
 class FaultPlan:
     def __init__(self, mode: str, at: int = 0, error: int = errno_codes.EIO, operations=OPERATIONS,
                  counter=None):
-        self.mode = mode  # "crash", "error" or "count"
-        self.at = at
+        self.mode = mode  # "crash", "error", "count" or "slow"
+        self.at = at  # for "slow": the seconds each operation takes longer
         self.error = error
         self.operations = tuple(operations)
         self.count = 0
@@ -47,6 +49,8 @@ class FaultPlan:
 
     def _wrap(self, name: str, original):
         def counted(*args, **kwargs):
+            if self.mode == "slow":
+                time.sleep(self.at)
             self.count += 1
             if self.counter is not None:
                 self.counter[:8] = self.count.to_bytes(8, "little")
@@ -78,6 +82,8 @@ def install_from_environment() -> FaultPlan | None:
         plan = FaultPlan("error", int(parts[1]), getattr(errno_codes, parts[2]), operations=operations)
     elif parts[0] == "count":
         plan = FaultPlan("count", operations=operations)
+    elif parts[0] == "slow":
+        plan = FaultPlan("slow", float(parts[1]), operations=operations)
     else:
         raise ValueError(f"VFSNAP_FAULTS: unknown plan {spec!r}")
     _installed = plan.install()

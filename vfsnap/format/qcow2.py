@@ -68,7 +68,6 @@ class Qcow2Image(Qcow2Writer, Image):
         self._refcounts = None
         self._dirty_l2: dict[int, array] = {}
         self._dirty_l1: set[int] = set()
-        self._data_dirty = False
         self._in_place: dict[int, int] = {}  # guest cluster -> host offset, writable in place
 
     # -- opening --------------------------------------------------------------------------

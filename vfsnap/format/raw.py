@@ -48,7 +48,8 @@ class RawImage(Image):
                 offset += written
         except OSError as exc:
             raise write_error(exc, self.name) from None
-        self._dirty = True
+        self._data_dirty = True
+        self._data_generation += 1
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Punch a hole: reads as zeros, frees the blocks on filesystems that can."""
@@ -58,11 +59,12 @@ class RawImage(Image):
             _punch_hole(self.fd, offset, length)
         except OSError:
             self.write(offset, bytes(length))
-        self._dirty = True
+        self._data_dirty = True
+        self._data_generation += 1
 
     @property
     def dirty(self) -> bool:
-        return getattr(self, "_dirty", False)
+        return self._data_dirty
 
     def flush(self) -> None:
         if self.dirty:
@@ -70,7 +72,7 @@ class RawImage(Image):
                 os.fdatasync(self.fd)
             except OSError as exc:
                 raise write_error(exc, self.name) from None
-            self._dirty = False
+            self._data_dirty = False
 
     def resize(self, new_size: int, *, thick: bool = False) -> None:
         new_size = _sectors(new_size)

@@ -105,11 +105,16 @@ def write_error(exc: OSError, name: str):
 
 def sync(fd: int, name: str) -> None:
     """fdatasync, with failures as VfsnapError naming the image."""
-    from vfsnap.errors import NoSpace, VfsnapError
-
     try:
         os.fdatasync(fd)
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise NoSpace(f"{name}: no space left on the share ({exc.strerror})") from None
-        raise VfsnapError(f"{name}: sync failed: {exc.strerror}", errno=exc.errno or errno.EIO) from None
+        raise sync_error(exc, name) from None
+
+
+def sync_error(exc: OSError, name: str):
+    """The domain error for a failed fdatasync of an image."""
+    from vfsnap.errors import NoSpace, VfsnapError
+
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace(f"{name}: no space left on the share ({exc.strerror})")
+    return VfsnapError(f"{name}: sync failed: {exc.strerror}", errno=exc.errno or errno.EIO)

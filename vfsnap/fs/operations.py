@@ -413,13 +413,13 @@ class VfsnapOperations(pyfuse3.Operations):
         # close(2): write back what this file wrote, so errors reach the closing program.
         handle = self._handles.get(fh)
         if handle is not None and handle.writable:
-            handle.volume.flush()
+            await handle.volume.flush_async()
 
     @handler
     async def fsync(self, fh, datasync):
         handle = self._handles.get(fh)
         if handle is not None and handle.volume is not None:
-            handle.volume.flush()
+            await handle.volume.flush_async()
 
     # -- namespace operations vfsnap refuses deliberately -----------------------------------
 
@@ -443,6 +443,9 @@ class VfsnapOperations(pyfuse3.Operations):
         text = os.fsdecode(name)
         volume = self.pool.volume(key[1])
         async with ChainChange(volume):
+            # Most of what the snapshot must flush is stored meanwhile, writes going on; the
+            # flush inside, where writes wait, then has only the rest.
+            await volume.flush_async()
             snapshots.take_snapshot(volume, text)
         child_key = ("snapshot", key[1], text)
         self.inodes.retire(child_key)
@@ -620,13 +623,24 @@ class VfsnapOperations(pyfuse3.Operations):
             interval = self.pool.options.metadata_flush_interval
             while interval > 0:
                 await trio.sleep(interval)
+                await self._flush_dirty_volumes()
                 try:
-                    self.pool.flush_all()
                     self.pool.retry_unfinished()
                     await self._finish_journals()
                 except Exception:  # noqa: BLE001 - keep flushing the other volumes next time
                     log.exception("background flush")
             await trio.sleep_forever()
+
+    async def _flush_dirty_volumes(self) -> None:
+        """The periodic write-back, one volume after the other; a failing one does not stop
+        the others (its writer sees the error at its next fsync)."""
+        for volume in self.pool.dirty_volumes():
+            try:
+                await volume.flush_async()
+            except VfsnapError as exc:
+                log.error("%s: background write-back failed: %s", volume.name, exc)
+            except Exception:  # noqa: BLE001 - keep flushing the other volumes
+                log.exception("%s: background write-back", volume.name)
 
     def destroy(self) -> None:
         """Write back and close every volume (after `pyfuse3.main` returned)."""

@@ -131,9 +131,13 @@ class Pool:
                 log.warning("%s: an unfinished rename still cannot complete: %s", share.path, exc)
 
     def flush_all(self) -> None:
-        """Write back every volume's metadata (the periodic background flush)."""
+        """Write back every volume's metadata (at unmount)."""
         for share in self.shares:
             share.flush_all()
+
+    def dirty_volumes(self) -> list[Volume]:
+        """Open volumes with writes not yet written back (the periodic background flush)."""
+        return [v for share in self.shares for v in share.open_volumes() if v.dirty]
 
     def capacity(self) -> Capacity:
         parts = [share.capacity() for share in self.shares]

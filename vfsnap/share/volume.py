@@ -20,11 +20,30 @@ from vfsnap.chain.backing import ChainRules, backing_chain
 from vfsnap.chain.view import View
 from vfsnap.errors import CorruptImage, NotFound, NotPermitted, VfsnapError
 from vfsnap.format import Image, Qcow2Image, open_image, probe_format
+from vfsnap.format.tables import sync_error
 from vfsnap.names import info_file, sidecar_file
 from vfsnap.share.info import Sidecar, VolumeInfo, parse_info, parse_sidecar
 from vfsnap.share.locks import VolumeLocks
 
 log = logging.getLogger(__name__)
+
+
+async def sync_data(image: Image) -> None:
+    """fdatasync the data written to `image` so far on a worker thread (see
+    `Image.begin_data_sync`); a failure is the image's write error, as from `flush`."""
+    ticket = image.begin_data_sync()
+    if ticket is None:
+        return
+    fd, generation = ticket
+    try:
+        # Not cancellable: the thread cannot be stopped, so its descriptor is closed only
+        # after it returns.
+        await trio.to_thread.run_sync(os.fdatasync, fd)
+    except OSError as exc:
+        raise sync_error(exc, image.name) from None
+    finally:
+        os.close(fd)
+    image.data_synced(generation)
 
 # How long a `.info` read is trusted before it is read again (another host may change it;
 # reading the content, not trusting mtimes, also works under NFS attribute caching).
@@ -311,6 +330,13 @@ class Volume:
         """Make every acknowledged write durable on the share."""
         if self._live_view is not None:
             self._live_view.flush()
+
+    async def flush_async(self) -> None:
+        """`flush`, with the long part (waiting for the share to store the data) on a worker
+        thread, so that requests for other volumes, and reads of this one, go on meanwhile."""
+        if self._live_view is not None and self._live_view.dirty:
+            await sync_data(self._live_view.top)
+        self.flush()  # metadata, in order; its data sync has only what came in meanwhile
 
     def close_writes(self) -> None:
         """The last writer closed the volume: write everything back, clear the dirty marks."""
