@@ -390,3 +390,38 @@ def test_v2_overlay_stays_v2(share, tmp_path, vfsnap_mount):
     assert info(top)["format-specific"]["data"]["compat"] == "0.10"
     assert check(top)["exit"] == 0
     assert flat_bytes(top, tmp_path) == expected
+
+
+# -- the allocation fast path (whole runs of clusters counted with one slice) --------------------
+
+
+@pytest.mark.parametrize("refcount_bits", [1, 8, 16, 64])
+def test_allocated_runs_skip_stray_counts_and_cross_refcount_blocks(refcount_bits, tmp_path):
+    """`Refcounts.allocate` counts a free run in one slice when it lies in one block; runs that
+    cross a block, stray counts past the end of the file and sub-byte widths take the slow path.
+    Either way every cluster of a run ends with count 1 and no run overlaps another."""
+    from vfsnap.format.cache import TableCache
+    from vfsnap.format.qcow2 import Qcow2Image
+
+    path = tmp_path / "vol.qcow2"
+    create(path, 64 << 20, options=f"cluster_size=512,refcount_bits={refcount_bits}")
+    image = Qcow2Image(os.open(path, os.O_RDWR), path.name, writable=True, table_cache=TableCache())
+    try:
+        refcounts = image.refcounts
+        per_block = 1 << refcounts.block_shift
+        stray = refcounts.end_cluster + 5
+        refcounts.change(stray, +1)  # a count past the end of the file: must be skipped
+        runs = [refcounts.allocate(16) for _ in range(3)]
+        # Up to the next block boundary, then a run across it.
+        boundary = -(-refcounts.end_cluster // per_block) * per_block
+        if boundary - refcounts.end_cluster > 4:
+            refcounts.allocate(boundary - refcounts.end_cluster - 4)
+        runs.append(refcounts.allocate(8))
+        clusters = [c for start in runs for c in range(start, start + (8 if start == runs[-1] else 16))]
+        assert stray not in clusters
+        assert len(set(clusters)) == len(clusters)
+        assert all(refcounts.get(c) == 1 for c in clusters)
+        assert refcounts.get(stray) == 1
+        assert runs[-1] < boundary < runs[-1] + 8, "the last run was meant to cross a block"
+    finally:
+        image.close()

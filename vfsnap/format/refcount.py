@@ -116,9 +116,47 @@ class Refcounts:
         # Claim the run before counting it: a refcount block created while counting must be
         # placed after the run, not inside it.
         self.end_cluster = max(self.end_cluster, start + count)
-        for cluster in range(start, start + count):
-            self.change(cluster, +1)
+        if not self._count_free_run(start, count):
+            for cluster in range(start, start + count):
+                self.change(cluster, +1)
         return start
+
+    def _whole_byte_run(self, start: int, count: int) -> tuple[int, int, int] | None:
+        """(block index, first byte, end byte) when clusters [start, start+count) have counts
+        of whole bytes in one refcount block; None otherwise (the slow path handles it)."""
+        if self.bits < 8 or count <= 1:
+            return None
+        block_index = start >> self.block_shift
+        if (start + count - 1) >> self.block_shift != block_index:
+            return None
+        width = self.bits >> 3
+        first = (start & ((1 << self.block_shift) - 1)) * width
+        return block_index, first, first + count * width
+
+    def _count_free_run(self, start: int, count: int) -> bool:
+        """Fast path of `allocate` (1 MiB writes allocate 16 clusters at a time): set the
+        counts of a free run in an existing block to 1 with one slice; False if not possible."""
+        where = self._whole_byte_run(start, count)
+        if where is None:
+            return False
+        block_index, first, end = where
+        block = self._block(block_index, create=False)
+        if block is None or any(block[first:end]):
+            return False
+        width = self.bits >> 3
+        block[first:end] = (1).to_bytes(width, "big") * count
+        self._dirty_blocks.add(block_index)
+        return True
+
+    def _run_is_free(self, start: int, count: int) -> bool | None:
+        """Whether clusters [start, start+count) all have count 0, by one slice; None when
+        the run does not lie in one block with whole-byte counts."""
+        where = self._whole_byte_run(start, count)
+        if where is None:
+            return None
+        block_index, first, end = where
+        block = self._block(block_index, create=False)
+        return block is None or not any(block[first:end])
 
     def _find_free(self, count: int) -> int:
         cluster = self.free_hint
@@ -141,6 +179,8 @@ class Refcounts:
             # past the end (qemu-img check does not look there, we must).
             if run == 0:
                 run_start = cluster
+                if self._run_is_free(cluster, count):
+                    run = count
             while run < count:
                 if self.get(cluster) == 0:
                     run += 1
