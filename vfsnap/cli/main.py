@@ -126,6 +126,7 @@ def _status(mountpoint: str, *, as_json: bool) -> int:
 
 def _sync(mountpoint: str, timeout: float | None) -> int:
     deadline = None if timeout is None else time.monotonic() + timeout
+    interval = 0.01  # short merges end soon after they start: look often at first
     while True:
         operations = read_status(mountpoint).get("operations", [])
         failed = [op for op in operations if op.get("state") == "failed"]
@@ -138,7 +139,8 @@ def _sync(mountpoint: str, timeout: float | None) -> int:
             return EXIT_OK
         if deadline is not None and time.monotonic() > deadline:
             raise QuietError(f"{len(pending)} operation(s) still running after {timeout} s")
-        time.sleep(0.1)
+        time.sleep(interval)
+        interval = min(interval * 1.5, 0.2)
 
 
 def _human(n: int) -> str:
