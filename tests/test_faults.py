@@ -409,7 +409,7 @@ def test_mkdir_failing_at_every_operation(mounts, template, tmp_path, err):
 
 # -- (c) the background merge of rmdir ----------------------------------------------------------------------------
 
-IMAGE_WRITES = "pwrite,fdatasync"  # the merge's copy, the target's write-back, the rebase; not the journal
+IMAGE_WRITES = "pwrite,copy_file_range,fdatasync"  # the merge's copy, the target's write-back, the rebase; not the journal
 
 
 def merge_case(mounts: Mounts, template, work: Path, n: int, err: str, victim: str, ops: str | None) -> None:

@@ -49,7 +49,8 @@ def test_a_slow_fsync_of_one_volume_does_not_hold_back_another(mounts, tmp_path:
 
     fd = os.open(mnt.volume("a"), os.O_RDWR)
     try:
-        os.pwrite(fd, b"\xaa" * 65536, 0)
+        # More than SYNC_ON_WORKER_BYTES: less is synced on the request thread, being quick.
+        os.pwrite(fd, b"\xaa" * (2 * MiB), 0)
         synced = threading.Event()
         outcome: dict = {}
 
@@ -79,10 +80,10 @@ def test_a_slow_fsync_of_one_volume_does_not_hold_back_another(mounts, tmp_path:
 
         syncer.join(SLOW * 10)
         assert outcome == {"ok": True}
-        assert os.pread(fd, 65536, 0) == b"\xaa" * 65536
+        assert os.pread(fd, 2 * MiB, 0) == b"\xaa" * (2 * MiB)
     finally:
         os.close(fd)
-    assert (share / "a").read_bytes()[:65536] == b"\xaa" * 65536
+    assert (share / "a").read_bytes()[: 2 * MiB] == b"\xaa" * (2 * MiB)
 
 
 # -- the bookkeeping ----------------------------------------------------------------------------
@@ -149,7 +150,7 @@ def test_sync_data_runs_on_a_thread_and_other_tasks_go_on(tmp_path: Path, monkey
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ticker)
-            await sync_data(image)
+            await sync_data(image, min_bytes=0)
             nursery.cancel_scope.cancel()
 
     try:
@@ -173,8 +174,39 @@ def test_a_failed_off_loop_sync_leaves_the_data_dirty_and_reports_the_errno(tmp_
     monkeypatch.setattr(os, "fdatasync", failing_fdatasync)
     try:
         with pytest.raises(VfsnapError) as info:
-            trio.run(sync_data, image)
+            trio.run(sync_data, image, 0)
         assert info.value.errno == errno.EIO
         assert image.dirty
+    finally:
+        image.close()
+
+
+def test_little_unsynced_data_is_left_to_the_flush_on_the_request_thread(tmp_path: Path, monkeypatch):
+    """Below SYNC_ON_WORKER_BYTES the worker is not used (its sync would only add one to the
+    flush); from it on it is, and a flush afterwards has no data left to sync."""
+    from vfsnap.share.volume import SYNC_ON_WORKER_BYTES
+
+    path = tmp_path / "raw"
+    path.write_bytes(bytes(4 * MiB))
+    image = RawImage(os.open(path, os.O_RDWR), "raw", writable=True)
+    calls = []
+    real_fdatasync = os.fdatasync
+
+    def counting_fdatasync(fd):
+        calls.append(threading.current_thread() is threading.main_thread())
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", counting_fdatasync)
+    try:
+        image.write(0, b"\x01" * (SYNC_ON_WORKER_BYTES - 4096))
+        trio.run(sync_data, image)
+        assert calls == [] and image.dirty
+        image.flush()
+        assert calls == [True] and not image.dirty
+        image.write(0, b"\x02" * SYNC_ON_WORKER_BYTES)
+        trio.run(sync_data, image)
+        assert calls == [True, False] and not image.dirty
+        image.flush()
+        assert calls == [True, False], "the flush synced again what the worker had stored"
     finally:
         image.close()

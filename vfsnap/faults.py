@@ -21,7 +21,8 @@ import os
 import signal
 import time
 
-OPERATIONS = ("write", "pwrite", "fsync", "fdatasync", "rename", "unlink", "ftruncate", "posix_fallocate")
+OPERATIONS = ("write", "pwrite", "copy_file_range", "fsync", "fdatasync", "rename", "unlink", "ftruncate",
+              "posix_fallocate")
 
 
 class FaultPlan:

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import logging
 
-from vfsnap.chain.view import View
+from vfsnap.chain.view import COMPRESSED_FD, ZERO_FD, View
 from vfsnap.format import UNALLOCATED, ZERO, Image
+from vfsnap.format.raw import RawImage
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ class Merge:
                 self._add(start, end, kind == ZERO)
         self.total = sum(end - start for start, end, _ in self.pending)
         self.done = 0
+        # Into a raw target, data moves file to file inside the kernel (`_copy_in_kernel`).
+        self.kernel_copy = isinstance(target_view.top, RawImage)
 
     def _add(self, start: int, end: int, zeros: bool) -> None:
         if self.pending:
@@ -76,8 +79,7 @@ class Merge:
             if zeros:
                 self.target_view.write_zeroes(start, piece_end - start)
             else:
-                data = self.source.read(start, piece_end - start)
-                self.target_view.write(start, data)
+                self._copy(start, piece_end)
             budget -= piece_end - start
             self.done += piece_end - start
             if piece_end >= end:
@@ -85,6 +87,29 @@ class Merge:
             else:
                 self.pending[0] = (piece_end, end, zeros)
         return bool(self.pending)
+
+    def _copy(self, start: int, end: int) -> None:
+        # Only inside the target's size: past it (a live volume grown during the merge) the
+        # view's write decides, as for every write.
+        if self.kernel_copy and end <= self.target_view.size and self._copy_in_kernel(start, end):
+            return
+        self.target_view.write(start, self.source.read(start, end - start))
+
+    def _copy_in_kernel(self, start: int, end: int) -> bool:
+        """Copy [start, end) of the source into the raw target extent by extent, without the
+        bytes passing through Python; False (and no more tries) if the share cannot."""
+        target: RawImage = self.target_view.top
+        for s, e, fd, host in self.source.extents(start, end):
+            if fd >= 0:
+                if not target.copy_from(fd, host, s, e - s):
+                    log.info("%s: no kernel copy on this share; merging through memory", target.name)
+                    self.kernel_copy = False
+                    return False  # the caller copies the whole range (again): same bytes
+            elif fd == ZERO_FD or fd == COMPRESSED_FD:
+                target.write(s, self.source.read(s, e - s))
+            else:
+                self.source.read(s, e - s)  # a bad extent: raises its error
+        return True
 
     def finish(self) -> None:
         """Copy whatever is left, without yielding, and make the target durable."""

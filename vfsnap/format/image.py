@@ -44,11 +44,13 @@ class Image:
         self.name = name
         self.writable = writable
         self.closed = False
-        # Data written since the last sync, and a count of such writes: a sync done off the
+        # Data written since the last sync, and the bytes written so far: a sync done off the
         # event loop (begin_data_sync / data_synced) clears the mark only if no write came in
-        # while it ran. Every write of data sets both, inline (the hot path).
+        # while it ran. Every write of data sets both, inline (the hot path); the sync that
+        # stored everything up to a count sets `_synced_generation` to it.
         self._data_dirty = False
         self._data_generation = 0
+        self._synced_generation = 0
 
     @property
     def size(self) -> int:
@@ -77,19 +79,20 @@ class Image:
     def flush(self) -> None:
         """Make writes durable (images that are written override this)."""
 
-    def begin_data_sync(self) -> tuple[int, int] | None:
+    def begin_data_sync(self, min_bytes: int = 0) -> tuple[int, int] | None:
         """For an fdatasync of the data written so far on another thread: a duplicate of the
         descriptor (closing the image meanwhile cannot hit a reused number) and the write count
-        it covers; None when no data waits for a sync. Only data: metadata stays for `flush`,
+        it covers; None when no data waits for a sync, or less than `min_bytes`. Only data: metadata stays for `flush`,
         which must still run, and whose own data sync then has only what came in meanwhile.
         An extra fdatasync is always safe: nothing is ever written before what it depends on
         is durable, so syncing earlier can only make durable what was meant to become so."""
-        if not self._data_dirty:
+        if not self._data_dirty or self._data_generation - self._synced_generation < min_bytes:
             return None
         return os.dup(self.fd), self._data_generation
 
     def data_synced(self, generation: int) -> None:
         """The sync begun at `generation` returned without error."""
+        self._synced_generation = max(self._synced_generation, generation)
         if generation == self._data_generation:
             self._data_dirty = False
 

@@ -4,11 +4,16 @@ whose last 24 bytes read as zeros)."""
 
 from __future__ import annotations
 
+import errno
 import os
 
 from vfsnap.errors import NotPermitted, ReadOnly
 from vfsnap.format.image import DATA, Image
 from vfsnap.format.tables import write_error
+
+
+# copy_file_range errors that mean "not here" rather than a failing share.
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOTSUP}
 
 
 class RawImage(Image):
@@ -49,7 +54,30 @@ class RawImage(Image):
         except OSError as exc:
             raise write_error(exc, self.name) from None
         self._data_dirty = True
-        self._data_generation += 1
+        self._data_generation += len(data)
+
+    def copy_from(self, src_fd: int, src_offset: int, offset: int, length: int) -> bool:
+        """Copy `length` bytes of another file into this one at `offset` inside the kernel
+        (copy_file_range: no trip through user space; on NFS 4.2 a server-side copy). What lies
+        past the source's end reads as zeros, as in `pread_full`. False, with nothing counted,
+        where the kernel or the share cannot do it (the caller then reads and writes)."""
+        if not self.writable:
+            raise ReadOnly(f"{self.name}: image is open read-only")
+        done = 0
+        try:
+            while done < length:
+                copied = os.copy_file_range(src_fd, self.fd, length - done, src_offset + done, offset + done)
+                if copied == 0:  # the source ends here
+                    self.write(offset + done, bytes(length - done))
+                    break
+                done += copied
+        except OSError as exc:
+            if exc.errno in _NO_KERNEL_COPY and not done:
+                return False
+            raise write_error(exc, self.name) from None
+        self._data_dirty = True
+        self._data_generation += length
+        return True
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Punch a hole: reads as zeros, frees the blocks on filesystems that can."""
@@ -60,7 +88,7 @@ class RawImage(Image):
         except OSError:
             self.write(offset, bytes(length))
         self._data_dirty = True
-        self._data_generation += 1
+        self._data_generation += length
 
     @property
     def dirty(self) -> bool:
@@ -73,6 +101,7 @@ class RawImage(Image):
             except OSError as exc:
                 raise write_error(exc, self.name) from None
             self._data_dirty = False
+            self._synced_generation = self._data_generation
 
     def resize(self, new_size: int, *, thick: bool = False) -> None:
         new_size = _sectors(new_size)

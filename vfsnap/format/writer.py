@@ -160,7 +160,7 @@ class Qcow2Writer:
         if written != len(data):  # short: finish it
             write_all(self.fd, memoryview(data)[written:], host + written, self.name)
         self._data_dirty = True
-        self._data_generation += 1
+        self._data_generation += len(data)
 
     def write_clusters(self, first_cluster: int, data) -> int:
         """Store whole guest clusters in newly allocated host clusters; return the host offset.
@@ -183,7 +183,7 @@ class Qcow2Writer:
             raise
         self.file_size = max(self.file_size, host + len(data))
         self._data_dirty = True
-        self._data_generation += 1
+        self._data_generation += len(data)
         for i in range(count):
             self._set_entry(first_cluster + i, (host + (i << cb)) | OFLAG_COPIED, ALL_SUBCLUSTERS_ALLOCATED)
         if len(self._dirty_l2) > MAX_DIRTY_L2_TABLES:
@@ -289,6 +289,7 @@ class Qcow2Writer:
         if need_sync:
             sync(self.fd, self.name)
         self._data_dirty = False
+        self._synced_generation = self._data_generation
         if refcounts is not None and refcounts.has_pending_frees:
             refcounts.apply_frees()
             self._data_dirty = True  # the lowered counts are synced with the next flush

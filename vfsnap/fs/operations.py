@@ -443,9 +443,8 @@ class VfsnapOperations(pyfuse3.Operations):
         text = os.fsdecode(name)
         volume = self.pool.volume(key[1])
         async with ChainChange(volume):
-            # Most of what the snapshot must flush is stored meanwhile, writes going on; the
-            # flush inside, where writes wait, then has only the rest.
-            await volume.flush_async()
+            # No flush on a worker first: under a busy writer it does not converge (the writer
+            # dirties as much again meanwhile), and mkdir took 25 ms instead of 15.
             snapshots.take_snapshot(volume, text)
         child_key = ("snapshot", key[1], text)
         self.inodes.retire(child_key)

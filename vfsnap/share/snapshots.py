@@ -38,9 +38,6 @@ log = logging.getLogger(__name__)
 
 # An active merge stops yielding to writers once this little is left to copy.
 FINAL_COPY_BYTES = 32 << 20
-# Copied data is stored (fdatasync on a worker thread) every this many bytes, so that no sync
-# the merge does on the event loop, where every request waits for it, has much to store.
-SYNC_EVERY_BYTES = 256 << 20
 # ... or after this many rounds of copying what writers dirtied meanwhile.
 MAX_CATCH_UP_ROUNDS = 8
 
@@ -191,16 +188,14 @@ async def _delete(volume, entry: dict) -> None:
     try:
         merge.grow_target()
         rounds = 0
-        synced_at = 0
         while merge.step():
             await trio.sleep(0)  # let FUSE requests in between steps
-            if merge.done - synced_at >= SYNC_EVERY_BYTES:
-                synced_at = merge.done
-                await sync_data(target_view.top)
             if child_name is None and merge.pending_bytes < FINAL_COPY_BYTES:
                 rounds += 1
                 if rounds >= MAX_CATCH_UP_ROUNDS or merge.pending_bytes < (1 << 20):
                     break
+        # What was copied is stored on a worker thread, FUSE requests going on (the kernel has
+        # been writing it back all along; waiting for it in between would only stop the copy).
         await sync_data(target_view.top)
         # The rest without yielding: writers wait for this last, short part.
         if child_name is None:

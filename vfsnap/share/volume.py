@@ -28,10 +28,17 @@ from vfsnap.share.locks import VolumeLocks
 log = logging.getLogger(__name__)
 
 
-async def sync_data(image: Image) -> None:
+# Less unsynced data than this is synced where it is (the request thread): it takes little
+# time, and syncing it on a worker first would add a sync to the ordered flush that follows
+# (measured: mkdir under a 4 KiB writer went from 15 to 25 ms median).
+SYNC_ON_WORKER_BYTES = 1 << 20
+
+
+async def sync_data(image: Image, min_bytes: int = SYNC_ON_WORKER_BYTES) -> None:
     """fdatasync the data written to `image` so far on a worker thread (see
-    `Image.begin_data_sync`); a failure is the image's write error, as from `flush`."""
-    ticket = image.begin_data_sync()
+    `Image.begin_data_sync`), if there are at least `min_bytes` of it; a failure is the image's
+    write error, as from `flush`."""
+    ticket = image.begin_data_sync(min_bytes)
     if ticket is None:
         return
     fd, generation = ticket
