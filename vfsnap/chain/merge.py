@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 
-from vfsnap.chain.view import COMPRESSED_FD, ZERO_FD, View
+from vfsnap.chain.view import View
 from vfsnap.format import UNALLOCATED, ZERO, Image
 from vfsnap.format.raw import RawImage
 
@@ -105,10 +105,8 @@ class Merge:
                     log.info("%s: no kernel copy on this share; merging through memory", target.name)
                     self.kernel_copy = False
                     return False  # the caller copies the whole range (again): same bytes
-            elif fd == ZERO_FD or fd == COMPRESSED_FD:
+            else:  # zeros, a compressed cluster (or a bad extent: the read raises its error)
                 target.write(s, self.source.read(s, e - s))
-            else:
-                self.source.read(s, e - s)  # a bad extent: raises its error
         return True
 
     def finish(self) -> None:

@@ -9,7 +9,7 @@ import os
 
 from vfsnap.errors import NotPermitted, ReadOnly
 from vfsnap.format.image import DATA, Image
-from vfsnap.format.tables import write_error
+from vfsnap.format.tables import sync, write_error
 
 
 # copy_file_range errors that mean "not here" rather than a failing share.
@@ -67,8 +67,7 @@ class RawImage(Image):
         try:
             while done < length:
                 copied = os.copy_file_range(src_fd, self.fd, length - done, src_offset + done, offset + done)
-                if copied == 0:  # the source ends here
-                    self.write(offset + done, bytes(length - done))
+                if copied == 0:
                     break
                 done += copied
         except OSError as exc:
@@ -76,7 +75,9 @@ class RawImage(Image):
                 return False
             raise write_error(exc, self.name) from None
         self._data_dirty = True
-        self._data_generation += length
+        self._data_generation += done
+        if done < length:  # the source ends here: the rest reads as zeros
+            self.write(offset + done, bytes(length - done))
         return True
 
     def write_zeroes(self, offset: int, length: int) -> None:
@@ -96,10 +97,7 @@ class RawImage(Image):
 
     def flush(self) -> None:
         if self.dirty:
-            try:
-                os.fdatasync(self.fd)
-            except OSError as exc:
-                raise write_error(exc, self.name) from None
+            sync(self.fd, self.name)
             self._data_dirty = False
             self._synced_generation = self._data_generation
 

@@ -94,13 +94,13 @@ def write_all(fd: int, data, offset: int, name: str) -> None:
         raise write_error(exc, name) from None
 
 
-def write_error(exc: OSError, name: str):
-    """The domain error for a failed write to an image."""
+def write_error(exc: OSError, name: str, doing: str = "write"):
+    """The domain error for a failed write (or `doing="sync"`) of an image."""
     from vfsnap.errors import NoSpace, VfsnapError
 
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return NoSpace(f"{name}: no space left on the share ({exc.strerror})")
-    return VfsnapError(f"{name}: write failed: {exc.strerror}", errno=exc.errno or errno.EIO)
+    return VfsnapError(f"{name}: {doing} failed: {exc.strerror}", errno=exc.errno or errno.EIO)
 
 
 def sync(fd: int, name: str) -> None:
@@ -108,13 +108,4 @@ def sync(fd: int, name: str) -> None:
     try:
         os.fdatasync(fd)
     except OSError as exc:
-        raise sync_error(exc, name) from None
-
-
-def sync_error(exc: OSError, name: str):
-    """The domain error for a failed fdatasync of an image."""
-    from vfsnap.errors import NoSpace, VfsnapError
-
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return NoSpace(f"{name}: no space left on the share ({exc.strerror})")
-    return VfsnapError(f"{name}: sync failed: {exc.strerror}", errno=exc.errno or errno.EIO)
+        raise write_error(exc, name, "sync") from None

@@ -20,7 +20,7 @@ from vfsnap.chain.backing import ChainRules, backing_chain
 from vfsnap.chain.view import View
 from vfsnap.errors import CorruptImage, NotFound, NotPermitted, VfsnapError
 from vfsnap.format import Image, Qcow2Image, open_image, probe_format
-from vfsnap.format.tables import sync_error
+from vfsnap.format.tables import write_error
 from vfsnap.names import info_file, sidecar_file
 from vfsnap.share.info import Sidecar, VolumeInfo, parse_info, parse_sidecar
 from vfsnap.share.locks import VolumeLocks
@@ -47,7 +47,7 @@ async def sync_data(image: Image, min_bytes: int = SYNC_ON_WORKER_BYTES) -> None
         # after it returns.
         await trio.to_thread.run_sync(os.fdatasync, fd)
     except OSError as exc:
-        raise sync_error(exc, image.name) from None
+        raise write_error(exc, image.name, "sync") from None
     finally:
         os.close(fd)
     image.data_synced(generation)
