@@ -4,6 +4,8 @@
     vfsnap status MOUNTPOINT
     vfsnap sync MOUNTPOINT
     vfsnap check SHARE [--repair]
+    vfsnap map [--output=human|json] FILE
+    vfsnap diff [--from-snap SNAP] [--output=human|json] FILE
 
 Exit codes: 0 success, 1 usage or runtime error, 2 `check` found problems, 3 mount failed.
 """
@@ -61,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="verify every volume of a share offline")
     check.add_argument("share")
     check.add_argument("--repair", action="store_true", help="finish interrupted operations and fix leaks")
+
+    from vfsnap.cli import extents
+
+    extents.add_parsers(sub)
     return parser
 
 
@@ -79,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
             from vfsnap.cli.check import check
 
             return check(args.share, repair=args.repair)
+        if args.command in ("map", "diff"):
+            from vfsnap.cli import extents
+
+            return extents.run(args)
     except QuietError as exc:
         print(f"vfsnap: {exc}", file=sys.stderr)
         return exc.exitcode

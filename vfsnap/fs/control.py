@@ -13,6 +13,7 @@ import json
 import pyfuse3
 
 from vfsnap import __version__
+from vfsnap.fs import extents
 
 PREFIX = "user.vfsnap."
 
@@ -67,6 +68,10 @@ def attribute_names(pool, key: tuple) -> list[str]:
 
 
 def get_attribute(pool, key: tuple, name: str) -> bytes:
+    if extents.is_request(name):  # `vfsnap map` / `vfsnap diff` pages (vfsnap.fs.extents)
+        value = extents.answer(pool, key, name)
+        if value is not None:
+            return value
     if key[0] == "control":
         if name == PREFIX + "status":
             return json.dumps(status(pool), indent=1, sort_keys=True).encode()
