@@ -72,13 +72,13 @@ def list_diff(path: str, from_snap: str | None) -> list[dict]:
     snapshot = from_snap
     if from_snap is not None and "/" in from_snap:
         expected_volume, snapshot = _snapshot_of_path(from_snap)
+        _check_same_volume(expected_volume, snapshot, _volume_of_path(path))
 
     def request(start: int) -> str:
         return f"{DIFF_PREFIX}{start}" + (f".{snapshot}" if snapshot is not None else "")
 
     volume, rows = _fetch(path, request)
-    if expected_volume is not None and expected_volume != volume:
-        raise QuietError(f"snapshot {snapshot} is a snapshot of volume {expected_volume}, not of {volume}")
+    _check_same_volume(expected_volume, snapshot, volume)
     extents: list[dict] = []
     for offset, length, exists in rows:
         last = extents[-1] if extents else None
@@ -148,6 +148,22 @@ def _getxattr(path: str, name: str) -> bytes:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code), path)
     return buffer.raw[:size]
+
+
+def _check_same_volume(snapshot_volume: str | None, snapshot: str, volume: str | None) -> None:
+    if snapshot_volume is not None and volume is not None and snapshot_volume != volume:
+        raise QuietError(f"snapshot {snapshot} is a snapshot of volume {snapshot_volume}, not of {volume}")
+
+
+def _volume_of_path(path: str) -> str | None:
+    """VOL of MNT/volumes/VOL or MNT/snapshots/VOL/SNAP/VOL; None for other paths (the daemon's
+    answer names the volume then)."""
+    parts = os.path.realpath(path).split("/")
+    if len(parts) >= 2 and parts[-2] == "volumes":
+        return parts[-1]
+    if len(parts) >= 4 and parts[-4] == "snapshots" and parts[-3] == parts[-1]:
+        return parts[-1]
+    return None
 
 
 def _snapshot_of_path(path: str) -> tuple[str, str]:
