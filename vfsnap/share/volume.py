@@ -128,7 +128,7 @@ class Volume:
             return VolumeStat(base.st_mode, base.st_uid, base.st_gid, view.size, view.allocated_bytes(),
                               top.st_mtime_ns, top.st_ctime_ns, top.st_atime_ns)
         info = self.info()
-        stats = {name: self.share.dir.stat(name) for name in {info.active, *info.snapshots.values()} - {self.name}}
+        stats = {name: self._stat_member(name) for name in {info.active, *info.snapshots.values()} - {self.name}}
         top = base if info.active == self.name else stats[info.active]
         if top is None:
             raise CorruptImage(f"{self.info_name}: active image {info.active} does not exist")
@@ -136,6 +136,13 @@ class Volume:
         blocks = base.st_blocks + sum(st.st_blocks for st in stats.values() if st is not None)
         return VolumeStat(base.st_mode, base.st_uid, base.st_gid, size, blocks * 512,
                           top.st_mtime_ns, top.st_ctime_ns, top.st_atime_ns)
+
+    def _stat_member(self, name: str) -> os.stat_result | None:
+        """lstat of a file `.info` names; None for one that is missing or no file of the volume
+        (what `.info` names outside the volume is never looked at, invariant 5)."""
+        if not ChainRules(self.name, base_format="raw").belongs(name):
+            return None
+        return self.share.dir.stat(name)
 
     def depth(self) -> int:
         """Overlays in the live chain (from `.info` when the volume is not open)."""
