@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import requires_fuse
+from vfsnap.options import MountOptions
 from tests.qemu import check as qemu_check
 from tests.qemu import convert_raw, create, info, make_chain, qemu_img, qemu_io, write_info
 
@@ -349,16 +350,16 @@ def test_sidecar_of_an_overlay_is_reported(share: Path):
 
 
 def test_over_deep_chain_is_reported_without_crashing(share: Path):
-    depth = 130  # the default max_chain_depth is 128
+    depth = MountOptions().max_chain_depth + 2  # just past the default limit
     create(share / "vol", SIZE, fmt="raw")
-    names = ["vol"] + [f"vol.d{level:03d}" for level in range(1, depth + 1)]
+    names = ["vol"] + [f"vol.d{level:04d}" for level in range(1, depth + 1)]
     create(share / names[1], SIZE, backing="vol", backing_fmt="raw")
     # One qemu-img overlay, copied with the (same length) backing name patched: fast.
-    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "vol.d000", "-F", "qcow2", str(share / "template"), str(SIZE))
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "vol.d0000", "-F", "qcow2", str(share / "template"), str(SIZE))
     image = (share / "template").read_bytes()
     (share / "template").unlink()
     for level in range(2, depth + 1):
-        (share / names[level]).write_bytes(image.replace(b"vol.d000", names[level - 1].encode(), 1))
+        (share / names[level]).write_bytes(image.replace(b"vol.d0000", names[level - 1].encode(), 1))
     assert info(share / names[-1])["backing-filename"] == names[-2]
     write_info(share, "vol", names[-1], {f"d{i}": names[i] for i in range(1, depth + 1)})
     write_sidecar(share, "vol")

@@ -35,9 +35,11 @@ def _size(text: str) -> int:
 class MountOptions:
     read_only: bool = False
     fuse_options: frozenset[str] = frozenset()
-    max_chain_depth: int = 128
-    table_cache_size: int = 64 << 20  # bytes of L2 tables held for all images together
-    map_cache_chunks: int = 1 << 16  # resolved chunks kept per view (memory: see table_cache_size)
+    max_chain_depth: int = 1024  # QEMU has no limit; production chains reach 1000 overlays
+    # Bytes of metadata tables and resolved maps held for all open volumes together (see
+    # vfsnap.format.cache); option `memory_budget`, or its old name `table_cache_size`.
+    memory_budget: int = 32 << 20
+    map_cache_chunks: int = 1 << 16  # resolved chunks kept per view (memory: see memory_budget)
     volume_format: str = "raw"  # format of volumes created through the mount
     thick: bool = False  # fully allocate new raw volumes (Cinder's nfs_sparsed_volumes=False)
     share_type: str = "local"  # local, nfs, glusterfs
@@ -100,7 +102,8 @@ def parse_options(text: str | None, **overrides) -> MountOptions:
 
 _VALUED = {
     "max_chain_depth": ("max_chain_depth", int),
-    "table_cache_size": ("table_cache_size", _size),
+    "memory_budget": ("memory_budget", _size),
+    "table_cache_size": ("memory_budget", _size),  # its name before maps shared the budget
     "map_cache_chunks": ("map_cache_chunks", int),
     "volume_format": ("volume_format", str),
     "share_type": ("share_type", str),

@@ -16,7 +16,7 @@ from vfsnap.errors import CorruptImage
 from vfsnap.format import Image, Qcow2Image
 from vfsnap.names import is_snapshot_name
 
-DEFAULT_MAX_DEPTH = 128
+DEFAULT_MAX_DEPTH = 1024
 
 
 @attrs.frozen

@@ -10,8 +10,9 @@ and a view of the chain *below* the top, whose chunks stay valid as long as that
 Only the top changes under writes, reloads and snapshots, so only the top is ever re-resolved:
 after a snapshot the old live map becomes the new below-map as it is.
 
-The memory of all resolved maps of a mount is bounded by one `MapBudget` (the same size as the
-table cache): the oldest chunks of the views are dropped to stay within it.
+The memory of all resolved maps of a mount is bounded by one `MapBudget`, which shares the
+mount's memory budget with the table cache (vfsnap.format.cache): the least recently used views
+give back their oldest chunks to stay within it.
 """
 
 from __future__ import annotations
@@ -38,32 +39,51 @@ EXTENT_BYTES = 128
 
 
 class MapBudget:
-    """Bounds the resolved maps of every view of a mount, in bytes (counted per extent)."""
+    """Bounds the resolved maps of every view of a mount, in bytes (counted per extent).
 
-    def __init__(self, capacity_bytes: int):
+    With `tables` (the mount's `TableCache`), maps and tables share one budget (see
+    vfsnap.format.cache). Views give back chunks least recently used view first, its oldest
+    chunk first: a view in use keeps its map while idle ones give theirs up.
+    """
+
+    def __init__(self, capacity_bytes: int, tables=None):
         self.capacity = max(1024, capacity_bytes // EXTENT_BYTES)
         self.used = 0
         self._views: weakref.WeakSet = weakref.WeakSet()
+        self._tables = tables
+        self._keep: "View | None" = None
+        if tables is not None:
+            tables.share_with(self)
+
+    @property
+    def used_bytes(self) -> int:
+        return self.used * EXTENT_BYTES
 
     def charge(self, view: "View", extents: int) -> None:
         self.used += extents
         self._views.add(view)
-        if self.used > self.capacity:
-            self._evict(keep=view)
+        tables = self._tables
+        if tables is None:
+            if self.used > self.capacity:
+                self._keep = view
+                while self.used > self.capacity and self.evict_one():
+                    pass
+        elif tables.total_bytes > tables.capacity:
+            self._keep = view
+            tables._shrink(keep=0)
+        self._keep = None
 
     def release(self, extents: int) -> None:
         self.used -= extents
 
-    def _evict(self, keep: "View") -> None:
-        for view in list(self._views):
-            if view is keep:
-                continue
-            while self.used > self.capacity and view._drop_oldest():
-                pass
-            if self.used <= self.capacity:
-                return
-        while self.used > self.capacity and keep._drop_oldest(keep_newest=True):
-            pass
+    def evict_one(self) -> bool:
+        """Give back one chunk: the oldest of the least recently used view; the view being
+        charged keeps its newest. False when nothing can be given."""
+        keep = self._keep
+        candidates = [v for v in self._views if v is not keep and v._extents_total()]
+        if candidates:
+            return min(candidates, key=lambda v: v.last_used)._drop_oldest()
+        return keep is not None and keep._drop_oldest(keep_newest=True)
 
 
 UNBOUNDED = MapBudget(1 << 62)
@@ -155,6 +175,8 @@ def _extent(start: int, end: int, kind: int, where: object, fd: int) -> tuple[in
 class View:
     """The bytes a chain of images shows, bottom image first, as one raw disk."""
 
+    clock = 0  # counts uses of views, for the least recently used view (MapBudget)
+
     def __init__(self, images: list[Image], *, name: str, budget: MapBudget | None = None,
                  split_top: bool = False, max_chunks: int = DEFAULT_MAX_CHUNKS, chunk_bits: int | None = None):
         if not images:
@@ -165,6 +187,7 @@ class View:
         self.split_top = split_top
         self._chunks: dict[int, Chunk] = {}
         self._extents = 0
+        self.last_used = 0  # View.clock when this view last resolved or read (MapBudget)
         # Called with (offset, length) after every write (a merge of the top image watches).
         self.observers: list = []
         self._setup(list(images), chunk_bits)
@@ -222,6 +245,9 @@ class View:
                 self._below.invalidate()
             self._setup(images)
 
+    def _extents_total(self) -> int:
+        return self._extents + (self._below._extents_total() if self._below is not None else 0)
+
     def _drop_oldest(self, *, keep_newest: bool = False) -> bool:
         """Give back the oldest resolved chunk (MapBudget); False when there is none to give."""
         if len(self._chunks) <= (1 if keep_newest else 0):
@@ -239,6 +265,8 @@ class View:
 
     def _chunk(self, index: int) -> Chunk:
         chunk = self._chunks.get(index)
+        View.clock += 1
+        self.last_used = View.clock
         if chunk is None:
             chunk = self._resolve(index)
             if len(self._chunks) >= self.max_chunks:
@@ -299,6 +327,9 @@ class View:
         chunk = self._chunks.get(offset >> self._chunk_bits)
         if chunk is None:
             chunk = self._chunk(offset >> self._chunk_bits)
+        else:
+            View.clock += 1
+            self.last_used = View.clock
         if end <= chunk.end:
             i = bisect_right(chunk.starts, offset) - 1
             if end <= chunk.ends[i]:

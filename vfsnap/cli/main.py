@@ -138,9 +138,12 @@ def _sync(mountpoint: str, timeout: float | None) -> int:
     deadline = None if timeout is None else time.monotonic() + timeout
     interval = 0.01  # short merges end soon after they start: look often at first
     while True:
-        operations = read_status(mountpoint).get("operations", [])
+        document = read_status(mountpoint)
+        operations = document.get("operations", [])
         failed = [op for op in operations if op.get("state") == "failed"]
         pending = [op for op in operations if op.get("state") != "failed"]
+        if document.get("recovering"):  # what a crash left is still being seen to
+            pending.append({"volume": "*", "kind": "recovery"})
         if not pending:
             if failed:
                 for op in failed:

@@ -101,7 +101,7 @@ def mount(spec: str, mountpoint: str, option_text: str, *, foreground: bool) -> 
     shares = resolve_shares(spec, options)
     real_mountpoint = check_mountpoint(mountpoint, shares)
     try:
-        pool = Pool.open(shares, options)
+        pool = Pool.open(shares, options, recover=False)  # recovered in the background
     except VfsnapError as exc:
         raise QuietError(f"cannot open share: {exc}", EXIT_MOUNT_FAILED) from None
     operations = VfsnapOperations(pool)

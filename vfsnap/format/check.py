@@ -256,6 +256,8 @@ def _copied_errors(image, refcounts, *, fix: bool) -> int:
                     table[i] = (entry & ~OFLAG_COPIED) | (OFLAG_COPIED if want_copied else 0)
                     changed = True
         if changed and want:
+            if l2_offset not in image._dirty_l2:
+                image._cache.hold(image.cluster_size)
             image._dirty_l2[l2_offset] = table
     return errors
 

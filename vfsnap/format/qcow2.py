@@ -128,6 +128,7 @@ class Qcow2Image(Qcow2Writer, Image):
         if not self.closed:
             self._cache.discard_owner(self._cache_owner)
             self._cache.unpin(self._pinned)
+            self._cache.unhold(len(self._dirty_l2) * self.cluster_size)  # a failed write-back's
         super().close()
 
     def reload(self) -> None:

@@ -186,8 +186,8 @@ class Qcow2Writer:
         self._data_generation += len(data)
         for i in range(count):
             self._set_entry(first_cluster + i, (host + (i << cb)) | OFLAG_COPIED, ALL_SUBCLUSTERS_ALLOCATED)
-        if len(self._dirty_l2) > MAX_DIRTY_L2_TABLES:
-            self.flush()
+        if len(self._dirty_l2) > MAX_DIRTY_L2_TABLES or self._cache.dirty_over_limit:
+            self.flush()  # bounds memory (the mount's budget) and what a crash loses
         return host
 
     def zero_clusters(self, first_cluster: int, count: int) -> None:
@@ -242,6 +242,7 @@ class Qcow2Writer:
             if table is None:
                 table = self._l2_table(l1_index)
                 self._dirty_l2[l2_offset] = table
+                self._cache.hold(self.cluster_size)
             return table
         # No table yet, or one shared with an internal snapshot: allocate our own (rule 2).
         refcounts = self.refcounts
@@ -252,6 +253,7 @@ class Qcow2Writer:
         else:
             table = array("Q", bytes(self.cluster_size))
         self._dirty_l2[new_offset] = table
+        self._cache.hold(self.cluster_size)
         self._metadata_clusters.add(new_offset >> self.cluster_bits)
         self.l1[l1_index] = new_offset | OFLAG_COPIED
         self._dirty_l1.add(l1_index)
@@ -280,6 +282,7 @@ class Qcow2Writer:
                 write_all(self.fd, table_to_bytes(table), offset, self.name)
                 self.file_size = max(self.file_size, offset + cs)
                 self._cache.put(self._cache_owner, offset, table, cs)
+            self._cache.unhold(len(self._dirty_l2) * cs)
             self._dirty_l2.clear()
             if self._dirty_l1:
                 sync(self.fd, self.name)  # new L2 tables before the L1 entries naming them
@@ -328,7 +331,7 @@ class Qcow2Writer:
         try:
             self._cache.pin(growth, what=self.name)
         except VfsnapError as exc:
-            raise VfsnapError(f"{exc} (raise table_cache_size)", errno=errno_codes.EFBIG) from None
+            raise VfsnapError(f"{exc} (raise memory_budget)", errno=errno_codes.EFBIG) from None
         self._pinned += growth
         new_l1 = array("Q", self.l1)
         new_l1.extend([0] * (needed - len(new_l1)))

@@ -18,6 +18,10 @@ from vfsnap.fs import extents
 PREFIX = "user.vfsnap."
 
 
+VOLUME_ATTRIBUTES = ("share", "format", "active", "chain", "allocated", "size")
+SNAPSHOT_ATTRIBUTES = ("share", "format", "created", "overlay", "chain", "allocated", "size")
+
+
 def _volume_attributes(pool, key: tuple) -> dict[str, str]:
     volume = pool.volume(key[1])
     attrs: dict[str, str] = {"share": volume.share.path, "format": volume.sidecar().base_format}
@@ -41,29 +45,35 @@ def status(pool) -> dict:
     for name in pool.volume_names():
         entry: dict = {"name": name}
         try:
+            # From what is known without opening the volume (status must not open them all).
             volume = pool.volume(name)
-            view = volume.live_view()
+            st = volume.stat()
+            info = volume.info()
             entry.update(
                 share=volume.share.path,
-                format=volume.sidecar().base_format,
-                size=view.size,
-                allocated=view.allocated_bytes(),
-                depth=len(view.images) - 1,
-                active=volume.info().active,
-                snapshots=volume.snapshots(),
+                format=volume.sidecar().base_format,  # made in memory if new: nothing written
+                size=st.size,
+                allocated=st.allocated,
+                depth=volume.depth(),
+                active=info.active,
+                snapshots=volume.snapshots() if info.snapshots else [],
             )
         except Exception as exc:  # noqa: BLE001 - one broken volume must not hide the rest
             entry["error"] = str(exc)
         volumes.append(entry)
     operations = pool.operations()
-    return {"version": __version__, "volumes": volumes, "operations": operations}
+    return {"version": __version__, "volumes": volumes, "operations": operations, "memory": pool.memory(),
+            "recovering": pool.recovering}
 
 
 def attribute_names(pool, key: tuple) -> list[str]:
     if key[0] == "control":
         return [PREFIX + "status", PREFIX + "version"]
     if key[0] in ("volume", "snapfile", "snapshot"):
-        return [PREFIX + name for name in _volume_attributes(pool, key)]
+        # Names only: listing them (`ls -l` asks, for ACLs) must not open the volume.
+        pool.volume(key[1])
+        names = VOLUME_ATTRIBUTES if key[0] == "volume" else SNAPSHOT_ATTRIBUTES
+        return [PREFIX + name for name in names]
     return []
 
 

@@ -8,6 +8,7 @@ handler would abort the whole mount.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import functools
 import logging
@@ -91,6 +92,17 @@ class Handle:
         self.sync = sync
 
 
+class DirHandle:
+    """An open directory: the entries listed at its first readdir, served in batches."""
+
+    __slots__ = ("key", "entries", "offsets")
+
+    def __init__(self, key: tuple):
+        self.key = key
+        self.entries: list[tuple[int, str, tuple]] | None = None
+        self.offsets: list[int] = []
+
+
 class VfsnapOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
@@ -100,6 +112,7 @@ class VfsnapOperations(pyfuse3.Operations):
         self.pool = pool
         self.inodes = InodeTable()
         self._handles: dict[int, Handle] = {}
+        self._dir_handles: dict[int, DirHandle] = {}
         self._next_fh = 1
         self._mount_time_ns = time.time_ns()
         self._nursery: trio.Nursery | None = None
@@ -144,17 +157,14 @@ class VfsnapOperations(pyfuse3.Operations):
             attr.st_nlink = 1
             attr.st_size = len(target.encode())
         elif kind == "volume":
-            volume = self.pool.volume(key[1])
-            base = volume.base_stat()
-            view = volume.live_view()
-            attr.st_mode = stat.S_IFREG | stat.S_IMODE(base.st_mode)
+            # Cheap for a volume not in use: no image opened, nothing written (Volume.stat).
+            st = self.pool.volume(key[1]).stat()
+            attr.st_mode = stat.S_IFREG | stat.S_IMODE(st.mode)
             attr.st_nlink = 1
-            attr.st_uid, attr.st_gid = base.st_uid, base.st_gid
-            attr.st_size = view.size
-            attr.st_blocks = (view.allocated_bytes() + 511) // 512
-            top = os.fstat(view.top.fd)
-            attr.st_mtime_ns, attr.st_ctime_ns = top.st_mtime_ns, top.st_ctime_ns
-            attr.st_atime_ns = top.st_atime_ns
+            attr.st_uid, attr.st_gid = st.uid, st.gid
+            attr.st_size = st.size
+            attr.st_blocks = (st.allocated + 511) // 512
+            attr.st_mtime_ns, attr.st_ctime_ns, attr.st_atime_ns = st.mtime_ns, st.ctime_ns, st.atime_ns
         elif kind == "snapfile":
             volume = self.pool.volume(key[1])
             base = volume.base_stat()
@@ -271,7 +281,10 @@ class VfsnapOperations(pyfuse3.Operations):
         if key[0] not in ("root", "volumes", "snapshots", "snapdir", "snapshot"):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         self._check_exists(key)
-        return inode
+        fh = self._next_fh
+        self._next_fh += 1
+        self._dir_handles[fh] = DirHandle(key)
+        return fh
 
     def _children(self, key: tuple) -> list[tuple[str, tuple]]:
         kind = key[0]
@@ -294,17 +307,22 @@ class VfsnapOperations(pyfuse3.Operations):
 
     @handler
     async def readdir(self, fh, start_id, token):
-        key = self.inodes.key(fh)
+        handle = self._dir_handles[fh]
         # Entries in inode order, resumed by inode number: stable under concurrent
         # creation (new names get higher numbers) and deletion (nothing shifts).
         # Offsets start at ino + 3 to stay clear of the NFS-special cookies 1 and 2.
-        entries = []
-        for name, child_key in self._children(key):
-            entries.append((self.inodes.ino(child_key), name, child_key))
-        entries.sort()
-        for ino, name, child_key in entries:
-            if ino + 3 <= start_id:
-                continue
+        # The list is made once per opendir (and again by a rewinddir) from the share's
+        # index, so that each batch the kernel asks for costs only its own entries.
+        if handle.entries is None or start_id == 0:
+            entries = [(self.inodes.ino(child_key), name, child_key) for name, child_key in self._children(handle.key)]
+            entries.sort()
+            handle.entries = entries
+            handle.offsets = [ino + 3 for ino, _, _ in entries]
+        entries = handle.entries
+        for i in range(bisect.bisect_right(handle.offsets, start_id), len(entries)):
+            ino, name, child_key = entries[i]
+            if not self.inodes.is_current(ino):
+                continue  # deleted or renamed through the mount since opendir
             try:
                 attr = self._entry(ino, child_key)
             except (VfsnapError, OSError) as exc:
@@ -318,7 +336,7 @@ class VfsnapOperations(pyfuse3.Operations):
             self.inodes.looked_up(ino)
 
     async def releasedir(self, fh):
-        return None
+        self._dir_handles.pop(fh, None)
 
     # -- files ----------------------------------------------------------------------------
 
@@ -612,6 +630,7 @@ class VfsnapOperations(pyfuse3.Operations):
         of metadata, so a crash loses little that was not fsynced."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            await self._recover()
             try:
                 pending = self.pool.volumes_with_pending_work()
             except Exception:  # noqa: BLE001 - a broken share file must not take the mount down
@@ -629,6 +648,19 @@ class VfsnapOperations(pyfuse3.Operations):
                 except Exception:  # noqa: BLE001 - keep flushing the other volumes next time
                     log.exception("background flush")
             await trio.sleep_forever()
+
+    async def _recover(self) -> None:
+        """What a crash left (journals, renames, dirty images), seen to after the mount answers,
+        one volume at a time between requests (`Pool.recovery`)."""
+        steps = self.pool.recovery()
+        while True:
+            try:
+                if next(steps, StopIteration) is StopIteration:
+                    return
+            except Exception:  # noqa: BLE001 - a broken share file must not take the mount down
+                log.exception("recovering after a crash")
+                return
+            await trio.sleep(0)
 
     async def _flush_dirty_volumes(self) -> None:
         """The periodic write-back, one volume after the other; a failing one does not stop

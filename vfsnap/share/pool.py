@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+from vfsnap.chain.view import MapBudget
 from vfsnap.errors import NotFound
 from vfsnap.format import TableCache
 from vfsnap.options import MountOptions
@@ -26,17 +27,17 @@ class Pool:
         self._warned_duplicates: set[str] = set()
 
     @classmethod
-    def open(cls, paths: list[str], options: MountOptions) -> "Pool":
+    def open(cls, paths: list[str], options: MountOptions, *, recover: bool = True) -> "Pool":
+        """Open the shares; with `recover=False` the caller runs `recovery()` (the mount does,
+        in the background, once it answers)."""
         from vfsnap.share.share import open_share
 
-        cache = TableCache(options.table_cache_size)
-        budget = None
+        cache = TableCache(options.memory_budget)
+        maps = MapBudget(options.memory_budget, tables=cache)
         shares = []
         for path in paths:
-            share = open_share(path, options)
-            share.table_cache = cache
-            budget = budget or share.map_budget
-            share.map_budget = budget  # one budget for the whole mount
+            share = open_share(path, options, recover=recover)
+            share.table_cache, share.map_budget = cache, maps  # one budget for the whole mount
             shares.append(share)
         return cls(shares, options)
 
@@ -100,6 +101,16 @@ class Pool:
     def remove_volume(self, name: str) -> None:
         self.volume(name).share.remove_volume(name)
 
+    def recovery(self):
+        """Every share's recovery steps (`Share.recovery`), one volume per step."""
+        for share in self.shares:
+            if not share.read_only:
+                yield from share.recovery()
+
+    @property
+    def recovering(self) -> bool:
+        return any(share.recovery_pending for share in self.shares)
+
     def volumes_with_pending_work(self) -> list[Volume]:
         return [v for share in self.shares for v in share.volumes_with_journal()]
 
@@ -138,6 +149,12 @@ class Pool:
     def dirty_volumes(self) -> list[Volume]:
         """Open volumes with writes not yet written back (the periodic background flush)."""
         return [v for share in self.shares for v in share.open_volumes() if v.dirty]
+
+    def memory(self) -> dict:
+        """What the mount's memory budget holds now (`vfsnap status`)."""
+        cache = self.shares[0].table_cache
+        maps = self.shares[0].map_budget
+        return cache.usage() | {"maps": maps.used_bytes}
 
     def capacity(self) -> Capacity:
         parts = [share.capacity() for share in self.shares]

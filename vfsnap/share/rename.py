@@ -41,6 +41,7 @@ def rename_volume(share, old: str, new: str) -> None:
         raise Busy(f"volume {old} is open")
     if volume.sidecar().journal:
         raise Busy(f"volume {old} has operations in progress")
+    volume.record()  # the record made when vfsnap met it moves with it
     info = volume.info()
     chain = [image.name for image in volume.live_chain()]
     files = {name: new + name[len(old) :] for name in chain}
@@ -155,17 +156,3 @@ def read_journal(share, name: str) -> dict | None:
     except (ValueError, AttributeError) as exc:
         raise CorruptImage(f"{name}: unreadable rename journal ({exc})") from None
     return entry
-
-
-def rename_claims(share, name: str) -> bool:
-    """True when `name` is an overlay already renamed by a rename under way (cheap: one stat
-    per possible new name, the prefixes of `name`). Not yet renamed overlays are still named
-    by the old `.info`."""
-    parts = name.split(".")
-    for i in range(1, len(parts)):
-        journal = journal_file(".".join(parts[:i]))
-        if share.dir.exists(journal):
-            entry = read_journal(share, journal)
-            if entry is not None and name in set(entry["files"].values()) - {entry["to"]}:
-                return True
-    return False

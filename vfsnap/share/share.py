@@ -1,8 +1,7 @@
 """A share: one directory holding volumes in Cinder's remotefs layout.
 
-Which files are volumes: every regular file with a valid volume name that is not a `.info`
-file, not a vfsnap sidecar or temporary file, and not named as an image by any volume's
-`.info` (overlays `<vol>.<snap>` are listed there).
+Which files are volumes is the share's index (`vfsnap.share.index`): one scan of the directory,
+kept until it changes. Nothing of a volume is opened before the volume is used.
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ from vfsnap.names import (
 )
 from vfsnap.options import MountOptions
 from vfsnap.share.files import ShareDir
+from vfsnap.share.index import ShareIndex
 from vfsnap.share.info import Sidecar, parse_info, parse_sidecar
 from vfsnap.share.volume import Volume
 
@@ -49,14 +49,15 @@ class Share:
         self.options = options
         self.dir = ShareDir(path)
         self.path = self.dir.path
-        self.table_cache = table_cache or TableCache(options.table_cache_size)
-        # Resolved maps of every view: bounded by the same size as the table cache.
-        self.map_budget = MapBudget(options.table_cache_size)
+        # One memory budget for tables and resolved maps (the pool gives all shares the same).
+        self.table_cache = table_cache or TableCache(options.memory_budget)
+        self.map_budget = MapBudget(options.memory_budget, tables=self.table_cache)
         self._volumes: dict[str, Volume] = {}
         self.rename_unfinished = False  # a rename failed midway; the background task retries
         # NFS and FUSE filesystems (GlusterFS) cache across opens, not across hosts' writes.
         self.network = filesystem_type(self.path) in NETWORK_FILESYSTEMS
-        self._overlay_cache: dict[str, tuple[tuple, frozenset[str]]] = {}
+        self.index = ShareIndex(self.dir)
+        self.recovery_pending = False  # the mount's recovery has not yet seen every journal
 
     @property
     def read_only(self) -> bool:
@@ -71,89 +72,13 @@ class Share:
         self._volumes.clear()
         self.dir.close()
 
-    # -- which files are volumes ----------------------------------------------------------
-
-    def _cached_names(self, file_name: str, parse) -> frozenset[str] | None:
-        """Image names a small document names (cached by the file's identity and mtime);
-        None when the document exists but cannot be parsed."""
-        st = self.dir.stat(file_name)
-        if st is None:
-            return frozenset()
-        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-        cached = self._overlay_cache.get(file_name)
-        if cached is not None and cached[0] == stamp:
-            return cached[1]
-        try:
-            names = frozenset(parse(self.dir.read_small(file_name) or b"{}", file_name))
-        except VfsnapError as exc:
-            log.warning("%s", exc)
-            names = None
-        self._overlay_cache[file_name] = (stamp, names)
-        return names
-
-    def _overlays_of(self, volume: str) -> frozenset[str] | None:
-        """The files of `volume` other than its base: what its `.info` names, and what its
-        journal names (a snapshot another host is taking: file made, not yet in `.info`). None when its `.info` is unreadable: then every
-        `<volume>.<snap>` file is taken to be its own, never a volume of its own."""
-
-        def from_info(data: bytes, name: str):
-            info = parse_info(data, name=name)
-            return {info.active, *info.snapshots.values()}
-
-        def from_journal(data: bytes, name: str):
-            return {e.get("overlay") for e in parse_sidecar(data, name=name).journal} - {None}
-
-        info_names = self._cached_names(volume + INFO_SUFFIX, from_info)
-        journal_names = self._cached_names(sidecar_file(volume), from_journal) or frozenset()
-        if info_names is None:
-            return None
-        return (info_names | journal_names) - {volume}
-
-    def _owned_by(self, owner: str, name: str) -> bool:
-        overlays = self._overlays_of(owner)
-        if overlays is None:
-            return name.startswith(owner + ".") and is_snapshot_name(name[len(owner) + 1 :])
-        return name in overlays
+    # -- which files are volumes (vfsnap.share.index) ------------------------------------
 
     def volume_names(self) -> list[str]:
-        from vfsnap.share.rename import pending_renames
-
-        entries = self.dir.listdir()
-        owners = set()
-        for name in entries:
-            for suffix in (INFO_SUFFIX, SIDECAR_SUFFIX):
-                if name.endswith(suffix):
-                    owners.add(name[: -len(suffix)])
-        renaming: set[str] = set()
-        for entry in pending_renames(self):  # files of a rename under way: never volumes
-            renaming |= (set(entry["files"]) | set(entry["files"].values())) - {entry["from"], entry["to"]}
-        volumes = []
-        for name in entries:
-            if not is_volume_name(name) or name in renaming:
-                continue
-            if any(self._owned_by(owner, name) for owner in owners if owner != name):
-                continue
-            st = self.dir.stat(name)
-            if st is not None and stat.S_ISREG(st.st_mode):
-                volumes.append(name)
-        volumes.sort()
-        return volumes
+        return list(self.index.current().volumes)
 
     def is_volume(self, name: str) -> bool:
-        if not is_volume_name(name):
-            return False
-        st = self.dir.stat(name)
-        if st is None or not stat.S_ISREG(st.st_mode):
-            return False
-        # An overlay of another volume is not a volume: look only at the volumes that could
-        # own it (volume `a` for file `a.b`, `a.b` for `a.b.c`, ...), and at a rename under way.
-        parts = name.split(".")
-        for i in range(1, len(parts)):
-            if self._owned_by(".".join(parts[:i]), name):
-                return False
-        from vfsnap.share.rename import rename_claims
-
-        return not rename_claims(self, name)
+        return is_volume_name(name) and name in self.index.current()
 
     def volume(self, name: str) -> Volume:
         """The volume `name`, or NotFound."""
@@ -172,9 +97,10 @@ class Share:
         return list(self._volumes.values())
 
     def volumes_with_journal(self) -> list[Volume]:
-        """Volumes whose sidecar holds unfinished operations (found by reading sidecars)."""
+        """Volumes whose sidecar holds unfinished operations (found by reading the sidecars
+        the index found)."""
         found = []
-        for name in self.volume_names():
+        for name in sorted(self.index.current().with_sidecar):
             try:
                 data = self.dir.read_small(sidecar_file(name))
                 if data is None or b'"journal"' not in data:
@@ -184,31 +110,66 @@ class Share:
                 log.error("%s: cannot resume its operations: %s", name, exc)
         return found
 
+    def may_need_recovery(self, name: str) -> bool:
+        """Could volume `name` hold a crash's leftovers not yet seen to (the mount's recovery
+        is still under way, and the volume has a sidecar, where a journal would be)?"""
+        state = self.index.state
+        return self.recovery_pending and (state is None or name in state.with_sidecar)
+
     def recover(self) -> None:
-        """Finish or roll back what a crash interrupted (snapshot creation; renames)."""
+        """Finish or roll back what a crash interrupted (renames, snapshot creation; images
+        left dirty), all at once (`vfsnap check`, tests). The mount runs `recovery()` in the
+        background instead, after it answers."""
+        for _ in self.recovery():
+            pass
+
+    def recovery(self):
+        """The steps of `recover`, one volume per step (a generator), so that the mount can
+        answer first and run them between requests. Volumes already in use here are left to
+        their users: a journal is finished by the first chain change (`needs_recovery`), a dirty
+        image has its refcounts rebuilt before its first write (`prepare_for_writing`)."""
         from vfsnap.share.rename import pending_renames, run_rename
         from vfsnap.share.snapshots import recover
 
-        for entry in pending_renames(self):
-            log.info("%s: finishing the interrupted rename of %s to %s", self.path, entry["from"], entry["to"])
-            run_rename(self, entry)
-        for volume in self.volumes_with_journal():
-            with _held_by_us(volume) as ours:
-                if not ours:
-                    continue  # another host is working on it right now
-                try:
-                    for line in recover(volume):
-                        log.info("%s", line)
-                except VfsnapError as exc:
-                    log.error("%s: recovery failed: %s", volume.name, exc)
-        for name in self.volume_names():
-            try:
-                volume = self.volume(name)
+        self.recovery_pending = True
+        try:
+            for entry in pending_renames(self):
+                log.info("%s: finishing the interrupted rename of %s to %s", self.path, entry["from"], entry["to"])
+                run_rename(self, entry)
+                self.index.invalidate()
+            yield
+            for volume in self.volumes_with_journal():
+                if volume.open_count:
+                    continue
                 with _held_by_us(volume) as ours:
-                    if ours:  # a dirty image another host is writing is not a crash's leftover
-                        volume.repair_dirty_images()
-            except VfsnapError as exc:
-                log.error("%s: cannot repair after a crash: %s", name, exc)
+                    if not ours:
+                        continue  # another host is working on it right now
+                    try:
+                        for line in recover(volume):
+                            log.info("%s", line)
+                        volume.needs_recovery = False
+                    except VfsnapError as exc:
+                        log.error("%s: recovery failed: %s", volume.name, exc)
+                yield
+            self.recovery_pending = False
+            for name in self.volume_names():
+                used = self._volumes.get(name)
+                if used is not None and (used.open_count or used.has_open_images):
+                    continue
+                volume = used or Volume(self, name)
+                try:
+                    if volume.dirty_images():
+                        with _held_by_us(volume) as ours:
+                            if ours:  # a dirty image another host is writing is not a crash's leftover
+                                volume.repair_dirty_images()
+                except VfsnapError as exc:
+                    log.error("%s: cannot repair after a crash: %s", name, exc)
+                finally:
+                    if used is None:
+                        volume.close()  # met for the sweep only: nothing of it stays in memory
+                yield
+        finally:
+            self.recovery_pending = False
 
     def flush_all(self) -> None:
         for volume in list(self._volumes.values()):
@@ -218,7 +179,10 @@ class Share:
     def rename_volume(self, old: str, new: str) -> None:
         from vfsnap.share.rename import rename_volume
 
-        rename_volume(self, old, new)
+        try:
+            rename_volume(self, old, new)
+        finally:
+            self.index.invalidate()  # done, undone or half done: look again
 
     def forget_volume(self, name: str) -> None:
         self._volumes.pop(name, None)
@@ -269,7 +233,9 @@ class Share:
             self.dir.unlink(name)
             raise
         log.info("created volume %s (%s, %d bytes) on %s", name, image_format, size, self.path)
-        return self.volume(name)
+        self.index.added(name)
+        volume = self._volumes[name] = Volume(self, name)
+        return volume
 
     def remove_volume(self, name: str) -> None:
         """Delete a volume's base, overlays, `.info` and sidecar (EBUSY with snapshots or open)."""
@@ -288,6 +254,7 @@ class Share:
         for file_name in files:
             self.dir.unlink(file_name)
         self.dir.fsync()
+        self.index.removed(name)
         log.info("removed volume %s from %s", name, self.path)
 
     # -- capacity -------------------------------------------------------------------------
@@ -340,12 +307,17 @@ def _held_by_us(volume):
             locks.unlock(CHAIN)
 
 
-def open_share(path: str, options: MountOptions) -> Share:
+def open_share(path: str, options: MountOptions, *, recover: bool = True) -> Share:
+    """Open a share; with `recover=False` the caller runs `share.recovery()` itself (the mount
+    does, in the background, so that it answers without reading any volume's files)."""
     share = Share(path, options)
     if not share.read_only:
         for name in share.dir.remove_stale_temp_files():
             log.info("%s: removed stale temporary file %s", share.path, name)
-        share.recover()
+        if recover:
+            share.recover()
+        else:
+            share.recovery_pending = True
     return share
 
 

@@ -14,18 +14,34 @@ import os
 import time
 from collections import Counter
 
+import attrs
 import trio
 
 from vfsnap.chain.backing import ChainRules, backing_chain
 from vfsnap.chain.view import View
 from vfsnap.errors import CorruptImage, NotFound, NotPermitted, VfsnapError
 from vfsnap.format import Image, Qcow2Image, open_image, probe_format
+from vfsnap.format.header import MAGIC
 from vfsnap.format.tables import write_error
 from vfsnap.names import info_file, sidecar_file
 from vfsnap.share.info import Sidecar, VolumeInfo, parse_info, parse_sidecar
 from vfsnap.share.locks import VolumeLocks
 
 log = logging.getLogger(__name__)
+
+
+@attrs.frozen
+class VolumeStat:
+    """What `stat` of a live volume shows (see `Volume.stat`)."""
+
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    allocated: int
+    mtime_ns: int
+    ctime_ns: int
+    atime_ns: int
 
 
 # Less unsynced data than this is synced where it is (the request thread): it takes little
@@ -66,6 +82,8 @@ class Volume:
         self._info_bytes: bytes | None = None
         self._info_checked = 0.0
         self._sidecar: Sidecar | None = None
+        self._sidecar_saved = False  # False: made at the first meeting, not yet on the share
+        self._peeked: tuple[tuple, int] | None = None  # (file identity, virtual size): see stat()
         self._live_view: View | None = None
         self._snapshot_views: dict[str, View] = {}
         self._retired: list[Image] = []
@@ -79,8 +97,9 @@ class Volume:
         self.running_merge = None
         self.failed: dict[str, str] = {}  # snapshot -> error of a merge that failed
         self.runner_active = False
-        # A committed operation whose journal entry could not be cleared (see snapshots.py).
-        self.needs_recovery = False
+        # A committed operation whose journal entry could not be cleared (see snapshots.py), or
+        # a journal the mount's recovery has not reached yet.
+        self.needs_recovery = share.may_need_recovery(name)
 
     # -- files ----------------------------------------------------------------------------
 
@@ -91,6 +110,73 @@ class Volume:
     @property
     def sidecar_name(self) -> str:
         return sidecar_file(self.name)
+
+    @property
+    def has_open_images(self) -> bool:
+        return bool(self._images or self._retired)
+
+    def stat(self) -> "VolumeStat":
+        """What `stat` shows of the live volume, cheaply. A volume in use answers from its
+        view; any other from its files' metadata, opening no image and writing nothing: size
+        from the active image (a raw file's length in whole sectors, or the size field of a
+        qcow2 header, read once per change of the file), allocation as the blocks of the files
+        its `.info` names (the files of its chain), times of the active image."""
+        base = self.base_stat()
+        view = self._live_view
+        if view is not None:
+            top = os.fstat(view.top.fd)
+            return VolumeStat(base.st_mode, base.st_uid, base.st_gid, view.size, view.allocated_bytes(),
+                              top.st_mtime_ns, top.st_ctime_ns, top.st_atime_ns)
+        info = self.info()
+        stats = {name: self._stat_member(name) for name in {info.active, *info.snapshots.values()} - {self.name}}
+        top = base if info.active == self.name else stats[info.active]
+        if top is None:
+            raise CorruptImage(f"{self.info_name}: active image {info.active} does not exist")
+        size = self._peek_size(info.active, top)
+        blocks = base.st_blocks + sum(st.st_blocks for st in stats.values() if st is not None)
+        return VolumeStat(base.st_mode, base.st_uid, base.st_gid, size, blocks * 512,
+                          top.st_mtime_ns, top.st_ctime_ns, top.st_atime_ns)
+
+    def _stat_member(self, name: str) -> os.stat_result | None:
+        """lstat of a file `.info` names; None for one that is missing or no file of the volume
+        (what `.info` names outside the volume is never looked at, invariant 5)."""
+        if not ChainRules(self.name, base_format="raw").belongs(name):
+            return None
+        return self.share.dir.stat(name)
+
+    def depth(self) -> int:
+        """Overlays in the live chain (from `.info` when the volume is not open)."""
+        if self._live_view is not None:
+            return len(self._live_view.images) - 1
+        info = self.info()
+        return len({info.active, *info.snapshots.values()} - {self.name})
+
+    def _peek_size(self, name: str, st: os.stat_result) -> int:
+        identity = (name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if self._peeked is not None and self._peeked[0] == identity:
+            return self._peeked[1]
+        if name != self.name:
+            image_format = "qcow2"  # overlays always are (ChainRules)
+        elif self._sidecar is not None or self.share.dir.exists(self.sidecar_name):
+            image_format = self.sidecar().base_format
+        else:
+            image_format = self._probe_base()  # what the first meeting will record
+        if image_format == "raw":
+            size = -(-st.st_size // 512) * 512
+        else:
+            fd = self.share.dir.open_regular(name, os.O_RDONLY)
+            try:
+                head = os.pread(fd, 32, 0)
+            finally:
+                os.close(fd)
+            if len(head) < 32 or head[:4] != MAGIC or int.from_bytes(head[4:8], "big") not in (2, 3):
+                raise CorruptImage(f"{name}: invalid qcow2 header")
+            size = int.from_bytes(head[24:32], "big")
+            if size > 1 << 62:
+                raise CorruptImage(f"{name}: invalid qcow2 header: virtual size {size} too large")
+            size &= ~511
+        self._peeked = (identity, size)
+        return size
 
     def base_stat(self) -> os.stat_result:
         st = self.share.dir.stat(self.name)
@@ -135,28 +221,37 @@ class Volume:
         self._info_checked = time.monotonic()
 
     def sidecar(self) -> Sidecar:
-        """vfsnap's record of the volume, made the first time vfsnap meets the volume."""
+        """vfsnap's record of the volume. A volume that has none is given one (in memory) the
+        first time vfsnap meets it; it reaches the share when the volume is first opened or
+        changed (`record`), never by listing or stat."""
         if self._sidecar is None:
             data = self.share.dir.read_small(self.sidecar_name)
             if data is not None:
                 self._sidecar = parse_sidecar(data, name=self.sidecar_name)
+                self._sidecar_saved = True
             else:
                 self._sidecar = self._first_meeting()
+                self._sidecar_saved = False
         return self._sidecar
 
     def save_sidecar(self, sidecar: Sidecar) -> None:
         self.share.dir.write_atomic(self.sidecar_name, sidecar.to_json())
         self._sidecar = sidecar
+        self._sidecar_saved = True
+
+    def record(self) -> None:
+        """Write the record made when vfsnap met the volume, if the share has none yet: before
+        the first write can change what a probe would see (DESIGN.md invariant 4)."""
+        sidecar = self.sidecar()
+        if not self._sidecar_saved and not self.share.read_only:
+            self.save_sidecar(sidecar)
+            log.info("%s: first seen; recorded base format %s", self.name, sidecar.base_format)
 
     def _first_meeting(self) -> Sidecar:
         info = self.info()
         base_format = self._declared_base_format(info) or self._probe_base()
         created = {snapshot: self._guess_creation_time(overlay) for snapshot, overlay in info.snapshots.items()}
-        sidecar = Sidecar(base_format=base_format, created=created)
-        if not self.share.read_only:
-            self.share.dir.write_atomic(self.sidecar_name, sidecar.to_json())
-            log.info("%s: first seen; recorded base format %s", self.name, base_format)
-        return sidecar
+        return Sidecar(base_format=base_format, created=created)
 
     def _declared_base_format(self, info: VolumeInfo) -> str | None:
         """The base's format as the overlay just above it declares it, if one does."""
@@ -327,8 +422,9 @@ class Volume:
         if created is None:
             overlay = self.info().snapshots.get(snapshot)
             created = self._guess_creation_time(overlay) if overlay else time.time()
-            if not self.share.read_only:
-                self.save_sidecar(self.sidecar().with_created(snapshot, created))
+            # Kept with the record, which reaches the share at the next open or change.
+            self._sidecar = self.sidecar().with_created(snapshot, created)
+            self._sidecar_saved = False
         return created
 
     # -- writing --------------------------------------------------------------------------
@@ -369,21 +465,30 @@ class Volume:
         info = self.info()
         return [self.name] + sorted({info.active, *info.snapshots.values()} - {self.name})
 
-    def repair_dirty_images(self) -> list[str]:
-        """Rebuild the refcounts of images a crash left marked dirty (reclaims leaked clusters)."""
-        repaired = []
+    def dirty_images(self) -> list[str]:
+        """qcow2 files of the volume whose header carries the dirty bit (a crash left them while
+        they were written): read from their headers only, nothing opened as an image."""
+        found = []
         for name in self.files():
-            if self.format_of(name) != "qcow2":
-                continue  # a raw disk whose guest wrote a qcow2 header is still raw (invariant 4)
             fd = self.share.dir.open_regular(name, os.O_RDONLY)
             try:
                 head = os.pread(fd, 80, 0)
             finally:
                 os.close(fd)
-            if len(head) < 80 or head[:4] != b"QFI\xfb" or int.from_bytes(head[4:8], "big") < 3:
+            if len(head) < 80 or head[:4] != MAGIC or int.from_bytes(head[4:8], "big") < 3:
                 continue
             if not int.from_bytes(head[72:80], "big") & 1:
                 continue
+            # Asked only now, of a file that looks like a dirty qcow2 image: a raw disk whose
+            # guest wrote such a header is still raw (invariant 4).
+            if self.format_of(name) == "qcow2":
+                found.append(name)
+        return found
+
+    def repair_dirty_images(self) -> list[str]:
+        """Rebuild the refcounts of images a crash left marked dirty (reclaims leaked clusters)."""
+        repaired = []
+        for name in self.dirty_images():
             image = self._open_file(name, "qcow2", writable=True)
             try:
                 image.prepare_for_writing()  # rebuilds the refcounts of a dirty image
@@ -433,6 +538,12 @@ class Volume:
                 if writing:
                     self.locks.release_writer()
                 raise
+        try:
+            self.record()
+        except BaseException:
+            if writing and not self.writers:
+                self.locks.release_writer()
+            raise
         self.open_count += 1
         if writing:
             self.writers += 1

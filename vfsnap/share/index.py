@@ -1,0 +1,237 @@
+"""The volume index of a share: which files are volumes, found in one pass over the directory.
+
+Which files are volumes: every regular file with a valid volume name that is not a `.info`
+file, not a vfsnap sidecar or temporary file, not named as an image by any volume's `.info`
+(overlays `<vol>.<snap>` are listed there), not the overlay of a snapshot another host is taking
+(named by the journal in `<vol>`'s sidecar, not yet in `.info`), and not a file of a rename
+under way.
+
+One scan costs one `listdir` of the share, one read of each `.info` and of each rename journal,
+and a sidecar read only for a file `<vol>.<snap>` that no `.info` names while `<vol>` has a
+sidecar (a snapshot being taken, or a leftover). Owners are found by dict lookup, so a scan is
+O(files on the share), never O(pairs of files).
+
+A scan is kept until the share directory changes (its mtime, ctime or inode differ) and for at
+most `RESCAN_SECONDS`. The interval is what makes another host's change appear: over NFS and
+GlusterFS the directory's times reach this host through the client's attribute cache (NFS
+`acdirmin` is 30 s by default), so a change there may not show in them in time; and on a local
+disk the times are coarse (a clock tick), so two changes in one tick leave the same mtime. A
+scan whose directory mtime is that close to the moment of the scan is kept only for
+`RACY_SECONDS`. Changes made through this mount update the index at once (`added`, `removed`; a rename
+drops the scan), whatever the directory's times say.
+
+The last scan (`ShareIndex.state`) is a snapshot of the share readable without touching the
+share: what listing, `df` and `status` can fall back to when the share stops answering.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import attrs
+
+from vfsnap.errors import VfsnapError
+from vfsnap.names import INFO_SUFFIX, SIDECAR_SUFFIX, is_snapshot_name, is_volume_name
+
+log = logging.getLogger(__name__)
+
+# How long a scan is trusted at most (another host's new volume appears within this).
+RESCAN_SECONDS = 1.0
+# A scan made within this time of the directory's last change may have missed a second change
+# in the same clock tick: trusted only this long.
+RACY_SECONDS = 0.05
+
+
+@attrs.frozen
+class ShareState:
+    """One scan of a share directory."""
+
+    volumes: tuple[str, ...]  # sorted
+    volume_set: frozenset[str]
+    with_info: frozenset[str]  # volumes that have a `.info`
+    with_sidecar: frozenset[str]  # volumes that have a sidecar
+    stamp: tuple[int, int, int]  # the directory's (mtime_ns, ctime_ns, inode) before the scan
+    scanned_at: float  # time.monotonic() of the scan
+    racy: bool
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.volume_set
+
+    def fresh(self, stamp: tuple[int, int, int], now: float) -> bool:
+        limit = RACY_SECONDS if self.racy else RESCAN_SECONDS
+        return stamp == self.stamp and now - self.scanned_at < limit
+
+    def changed(self, *, add: tuple[str, ...] = (), remove: tuple[str, ...] = ()) -> "ShareState":
+        """This state after a change made through the mount (the stamp stays: the next look at
+        the directory sees it changed and scans again, which also picks up the `.info`)."""
+        volume_set = (self.volume_set - set(remove)) | set(add)
+        return attrs.evolve(self, volumes=tuple(sorted(volume_set)), volume_set=frozenset(volume_set),
+                            with_info=self.with_info - set(remove), with_sidecar=self.with_sidecar - set(remove))
+
+
+class ShareIndex:
+    """The volume index of one share directory (`vfsnap.share.files.ShareDir`)."""
+
+    def __init__(self, share_dir):
+        self.dir = share_dir
+        self.state: ShareState | None = None
+        self.scans = 0
+        # Parsed `.info` and sidecar journals, by file name: (contents, names); parsed again
+        # only when the contents change (and a broken one is logged once, not at every scan).
+        self._documents: dict[str, tuple[bytes, frozenset[str] | None]] = {}
+
+    def _stamp(self) -> tuple[tuple[int, int, int], float]:
+        st = os.fstat(self.dir.fd)
+        return (st.st_mtime_ns, st.st_ctime_ns, st.st_ino), st.st_mtime
+
+    def current(self) -> ShareState:
+        """The index, scanned again if the directory changed or the last scan is too old."""
+        stamp, _ = self._stamp()
+        state = self.state
+        if state is not None and state.fresh(stamp, time.monotonic()):
+            return state
+        return self.scan()
+
+    def invalidate(self) -> None:
+        self.state = None
+
+    def scan(self) -> ShareState:
+        stamp, mtime = self._stamp()
+        wall, started = time.time(), time.monotonic()
+        regular: set[str] = set()
+        names: set[str] = set()
+        with os.scandir(self.dir.fd) as entries:
+            for entry in entries:
+                names.add(entry.name)
+                try:
+                    if entry.is_file(follow_symlinks=False):  # d_type; lstat only if unknown
+                        regular.add(entry.name)
+                except OSError:
+                    pass  # gone meanwhile
+        with_info = {n[: -len(INFO_SUFFIX)] for n in names if n.endswith(INFO_SUFFIX)}
+        with_sidecar = {n[: -len(SIDECAR_SUFFIX)] for n in names if n.endswith(SIDECAR_SUFFIX)}
+        owner_of: dict[str, str] = {}  # file -> the volume whose `.info` names it
+        unreadable: set[str] = set()  # volumes whose `.info` cannot be parsed
+        for owner in with_info:
+            files = self._info_names(owner)
+            if files is None:
+                unreadable.add(owner)
+                continue
+            for file_name in files:
+                if file_name != owner:
+                    owner_of.setdefault(file_name, owner)
+        renaming = self._renaming(names)
+        volumes = []
+        for name in regular:
+            if name in owner_of or name in renaming or not is_volume_name(name):
+                continue
+            if "." in name and self._claimed(name, with_info, with_sidecar, unreadable):
+                continue
+            volumes.append(name)
+        volumes.sort()
+        volume_set = frozenset(volumes)
+        state = ShareState(
+            volumes=tuple(volumes),
+            volume_set=volume_set,
+            with_info=frozenset(with_info & volume_set),
+            with_sidecar=frozenset(with_sidecar & volume_set),
+            stamp=stamp,
+            scanned_at=started,
+            racy=abs(wall - mtime) < 2 * RACY_SECONDS,
+        )
+        self.state = state
+        self.scans += 1
+        for stale in set(self._documents) - {n for n in names}:
+            del self._documents[stale]
+        return state
+
+    def _claimed(self, name: str, with_info: set[str], with_sidecar: set[str], unreadable: set[str]) -> bool:
+        """Is `name` = `<owner>.<snap>` an overlay of `owner` that its `.info` does not name:
+        `owner`'s `.info` is unreadable (then every such file is taken to be its own, never a
+        volume of its own), or `owner`'s journal names it (a snapshot being taken)."""
+        parts = name.split(".")
+        for i in range(1, len(parts)):
+            owner = ".".join(parts[:i])
+            if not is_snapshot_name(name[len(owner) + 1 :]):
+                continue
+            if owner in unreadable:
+                return True
+            if owner in with_sidecar and name in (self._journal_names(owner) or ()):
+                return True
+        return False
+
+    def _document(self, file_name: str, parse) -> frozenset[str] | None:
+        try:
+            data = self.dir.read_small(file_name)
+        except VfsnapError as exc:
+            log.warning("%s", exc)
+            return None
+        if data is None:
+            self._documents.pop(file_name, None)
+            return frozenset()
+        cached = self._documents.get(file_name)
+        if cached is not None and cached[0] == data:
+            return cached[1]
+        try:
+            result = frozenset(parse(data, file_name))
+        except VfsnapError as exc:
+            log.warning("%s", exc)
+            result = None
+        self._documents[file_name] = (data, result)
+        return result
+
+    def _info_names(self, volume: str) -> frozenset[str] | None:
+        from vfsnap.share.info import parse_info
+
+        def names(data: bytes, file_name: str):
+            info = parse_info(data, name=file_name)
+            return {info.active, *info.snapshots.values()}
+
+        return self._document(volume + INFO_SUFFIX, names)
+
+    def _journal_names(self, volume: str) -> frozenset[str] | None:
+        from vfsnap.share.info import parse_sidecar
+
+        def names(data: bytes, file_name: str):
+            return {e.get("overlay") for e in parse_sidecar(data, name=file_name).journal} - {None}
+
+        return self._document(volume + SIDECAR_SUFFIX, names)
+
+    def _renaming(self, names: set[str]) -> set[str]:
+        """Files of renames under way (neither the old nor the new volume name): never volumes."""
+        from vfsnap.share.rename import JOURNAL_PREFIX, read_journal
+
+        files: set[str] = set()
+        for journal in names:
+            if not journal.startswith(JOURNAL_PREFIX):
+                continue
+            try:
+                entry = read_journal(_ShareOf(self.dir), journal)
+            except VfsnapError as exc:
+                log.warning("%s", exc)
+                continue
+            if entry is not None:
+                files |= (set(entry["files"]) | set(entry["files"].values())) - {entry["from"], entry["to"]}
+        return files
+
+    # -- changes made through the mount ---------------------------------------------------
+
+    def added(self, name: str) -> None:
+        if self.state is not None:
+            self.state = self.state.changed(add=(name,))
+
+    def removed(self, name: str) -> None:
+        if self.state is not None:
+            self.state = self.state.changed(remove=(name,))
+
+
+@attrs.frozen
+class _ShareOf:
+    """What `read_journal` needs of a share: its directory."""
+
+    dir: object
+
+
+__all__ = ["RESCAN_SECONDS", "ShareIndex", "ShareState"]
