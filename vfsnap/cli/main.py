@@ -4,6 +4,8 @@
     vfsnap status MOUNTPOINT
     vfsnap sync MOUNTPOINT
     vfsnap check SHARE [--repair]
+    vfsnap clone SOURCE NEWVOL
+    vfsnap revert [--destroy-newer] MOUNTPOINT/snapshots/VOL/SNAP
 
 Exit codes: 0 success, 1 usage or runtime error, 2 `check` found problems, 3 mount failed.
 """
@@ -61,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="verify every volume of a share offline")
     check.add_argument("share")
     check.add_argument("--repair", action="store_true", help="finish interrupted operations and fix leaks")
+
+    clone = sub.add_parser("clone", help="make a new volume from a snapshot or a volume, at once")
+    clone.add_argument("source", help="MOUNTPOINT/snapshots/VOL/SNAP (or its file) or MOUNTPOINT/volumes/VOL")
+    clone.add_argument("new", help="the new volume's name (or MOUNTPOINT/volumes/NAME)")
+
+    revert = sub.add_parser("revert", help="make a volume its snapshot's content again, at once")
+    revert.add_argument("snapshot", help="MOUNTPOINT/snapshots/VOL/SNAP")
+    revert.add_argument("--destroy-newer", action="store_true", help="also delete the snapshots newer than SNAP")
     return parser
 
 
@@ -79,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
             from vfsnap.cli.check import check
 
             return check(args.share, repair=args.repair)
+        if args.command in ("clone", "revert"):
+            from vfsnap.cli import clone
+
+            if args.command == "clone":
+                return clone.clone(args.source, args.new)
+            return clone.revert(args.snapshot, destroy_newer=args.destroy_newer)
     except QuietError as exc:
         print(f"vfsnap: {exc}", file=sys.stderr)
         return exc.exitcode
