@@ -33,7 +33,7 @@ from tests.qemu import write_info
 from vfsnap.cli.check import check_share
 from vfsnap.faults import FaultPlan
 from vfsnap.options import MountOptions
-from vfsnap.share import snapshots
+from vfsnap.share import clone, snapshots
 from vfsnap.share.pool import Pool
 from vfsnap.share.share import Share
 
@@ -167,6 +167,9 @@ def recover(share: Path) -> Pool:
     pool = Pool.open([str(share)], OPTIONS)
 
     async def merges():
+        # Clones' copies first: a finished copy releases its source's point in time.
+        for volume in pool.volumes_with_pending_work():
+            await clone.run_copy(volume)
         for volume in pool.volumes_with_pending_work():
             await snapshots.run_pending(volume)
 

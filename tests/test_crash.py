@@ -161,6 +161,110 @@ class Rename(Scenario):
         assert not leftovers, leftovers
 
 
+class Clone(Scenario):
+    """vfsnap clone of a snapshot or of the live volume (a hidden point in time), and its
+    background copy with writes landing in the clone meanwhile; then the point in time's merge."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.name = f"clone-{source}"
+
+    def prepare(self, share):
+        self.snapshot_contents, self.live = build_chain(share, 2)
+        self.before = make_writes(61, 3)
+        self.after = make_writes(62, 4, region=(SIZE // 4, SIZE))
+        point = bytearray(self.live)
+        if self.source == "live":
+            for w in self.before:
+                point[w.offset : w.offset + len(w.data)] = w.data
+        self.point = bytes(point) if self.source == "live" else self.snapshot_contents[0]
+
+    def operate(self, pool, shared):
+        from vfsnap.share.clone import create_clone, run_copy
+
+        volume = pool.volume(VOLUME)
+        if self.source == "live":
+            apply_acked(pool, self.before, shared)
+        start = len(self.before) if self.source == "live" else 0
+        new = create_clone(pool, volume, None if self.source == "live" else "s1", "c")
+
+        async def run():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run_copy, new)
+                nursery.start_soon(_apply_acked_to, new, self.after, shared, start)
+            await snapshots.run_pending(volume)
+
+        trio.run(run)
+
+    def verify(self, share, pool, outcome):
+        volume = pool.volume(VOLUME)
+        assert volume.snapshots() == ["s1", "s2"]
+        for i, content in enumerate(self.snapshot_contents):
+            assert read_view(volume.snapshot_view(f"s{i + 1}")) == content
+        before = self.before if self.source == "live" else []
+        assert_writes(read_view(volume.live_view()), before, min(outcome.acked, len(before)), self.live)
+        names = pool.volume_names()
+        assert names in (["vol"], ["c", "vol"]), names
+        if outcome.acked > len(before) or outcome.done:
+            assert "c" in names  # writes into the clone were acknowledged: it was committed
+        for v in names:
+            assert not pool.volume(v).sidecar().journal, f"{v}: unfinished after recovery"
+        if "c" in names:
+            clone = pool.volume("c")
+            assert [image.name for image in clone.live_chain()] == ["c"]  # independent now
+            assert_writes(read_view(clone.live_view()), self.after, max(0, outcome.acked - len(before)), self.point)
+        else:
+            assert not [n for n in os.listdir(share) if n.startswith("c")]
+        assert not (share / f"{VOLUME}.info").exists() or len(volume.info().snapshots) == 2
+
+
+async def _apply_acked_to(volume, writes, shared, start: int) -> None:
+    from tests.crash import _set, ACKED
+
+    for i, write in enumerate(writes):
+        await trio.sleep(0)
+        volume.live_view().write(write.offset, write.data)
+        volume.flush()
+        _set(shared, ACKED, start + i + 1)
+
+
+class Revert(Scenario):
+    """vfsnap revert to the newest snapshot, or past two newer ones (--destroy-newer), then
+    writes into the reverted volume."""
+
+    def __init__(self, target: str):
+        self.target = target
+        self.name = f"revert-{target}"
+
+    def prepare(self, share):
+        self.snapshot_contents, self.live = build_chain(share, 3)
+        self.writes = make_writes(71, 4)
+
+    def operate(self, pool, shared):
+        from vfsnap.share.revert import revert
+
+        revert(pool.volume(VOLUME), self.target, destroy_newer=True)
+        apply_acked(pool, self.writes, shared)
+
+    def verify(self, share, pool, outcome):
+        volume = pool.volume(VOLUME)
+        assert not volume.sidecar().journal
+        index = int(self.target[1:]) - 1
+        kept = [f"s{i + 1}" for i in range(index + 1)]
+        names = volume.snapshots()
+        assert names in (kept, ["s1", "s2", "s3"]), names
+        data = read_view(volume.live_view())
+        reverted = outcome.acked > 0 or outcome.done or data != self.live
+        if reverted:
+            assert names == kept
+            assert_writes(data, self.writes, outcome.acked, self.snapshot_contents[index])
+            assert volume.info().active == f"{VOLUME}.{self.target}"
+        for name in names:
+            assert read_view(volume.snapshot_view(name)) == self.snapshot_contents[int(name[1:]) - 1], name
+        expected = {VOLUME, f"{VOLUME}.info", f"{VOLUME}.vfsnap.json", *(f"{VOLUME}.{n}" for n in names)}
+        assert set(os.listdir(share)) == expected
+
+
 SCENARIOS = [
     Writes(4096),
     Writes(512),
@@ -170,6 +274,10 @@ SCENARIOS = [
     *(DeleteSnapshot(position, size) for position in ("oldest", "middle", "newest") for size in (4096, 512)),
     Rename(2),
     Rename(6),
+    Clone("snapshot"),
+    Clone("live"),
+    Revert("s3"),
+    Revert("s1"),
 ]
 
 

@@ -1,7 +1,9 @@
 """Snapshots against an in-memory model: every view, after every step (DESIGN.md invariants 1-2).
 
 A hypothesis state machine writes to the live volume, takes snapshots with mkdir, deletes any of
-them with rmdir (oldest, middle, newest, the only one), extends the volume and remounts, and
+them with rmdir (oldest, middle, newest, the only one), extends the volume and remounts, clones
+a snapshot or the live volume (`vfsnap clone`, each clone written and deleted on its own), reverts
+to a snapshot (`vfsnap revert`, with and without --destroy-newer), and
 after every step compares the live volume and every snapshot with the model, also right after
 rmdir while the merge may still be running. At the end every image passes `qemu-img check`,
 `.info` is byte-for-byte what Cinder's json.dump writes, and QEMU reads the same chain.
@@ -9,6 +11,7 @@ rmdir while the merge may still be running. At the end every image passes `qemu-
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -27,6 +30,7 @@ pytestmark = requires_fuse
 
 VOLUME = "vol"
 SNAP_NAMES = [f"s{i}" for i in range(12)]
+CLONE_NAMES = [f"c{i}" for i in range(3)]
 
 
 def vfsnap(*args: str, check_rc: bool = True) -> subprocess.CompletedProcess:
@@ -48,6 +52,7 @@ class SnapshotMachine(RuleBasedStateMachine):
         self.live = bytearray()
         self.snapshots: dict[str, bytes] = {}
         self.order: list[str] = []
+        self.clones: dict[str, bytearray] = {}
 
     @initialize(size_kib=st.sampled_from([256, 1024, 2048]), base=st.sampled_from(["raw", "qcow2"]),
                 options=st.sampled_from(["", "metadata_flush_interval=0.05"]))
@@ -95,6 +100,13 @@ class SnapshotMachine(RuleBasedStateMachine):
         active = self.share / info["active"]
         fmt = "qcow2" if open(active, "rb").read(4) == b"QFI\xfb" else "raw"
         assert flat_bytes(active, self.share.parent, fmt=fmt) == bytes(self.live)
+        for name, model in self.clones.items():
+            top, fmt = self.share / name, "qcow2"
+            clone_info = self.share / f"{name}.info"
+            if clone_info.exists():
+                top = self.share / json.loads(clone_info.read_text())["active"]
+            assert check(top)["exit"] == 0, name
+            assert flat_bytes(top, self.share.parent, fmt=fmt) == bytes(model), name
         # Every overlay named in .info is the file the snapshot's data sits above.
         for snap, overlay in info.items():
             if snap != "active":
@@ -136,11 +148,74 @@ class SnapshotMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def rmdir(self, data):
         name = data.draw(st.sampled_from(self.order), label="snapshot")
-        os.rmdir(self.mnt.snapshot_dir(VOLUME, name))
+        self._until_copied(lambda: os.rmdir(self.mnt.snapshot_dir(VOLUME, name)))
         del self.snapshots[name]
         self.order.remove(name)
         # Gone from the tree at once, merged or not.
         assert name not in os.listdir(self.mnt.snapshot_dir(VOLUME))
+
+    @precondition(lambda self: len(self.clones) < len(CLONE_NAMES))
+    @rule(data=st.data())
+    def clone(self, data):
+        name = next(n for n in CLONE_NAMES if n not in self.clones)
+        source = data.draw(st.sampled_from([None, *self.order]), label="source snapshot")
+        if source is None:
+            vfsnap("clone", str(self.mnt.volume(VOLUME)), name)
+            self.clones[name] = bytearray(self.live)
+        else:
+            vfsnap("clone", str(self.mnt.snapshot_dir(VOLUME, source)), name)
+            self.clones[name] = bytearray(self.snapshots[source])
+
+    @precondition(lambda self: self.clones)
+    @rule(data=st.data())
+    def write_clone(self, data):
+        name = data.draw(st.sampled_from(sorted(self.clones)), label="clone")
+        model = self.clones[name]
+        offset = data.draw(st.integers(0, len(model) - 1), label="offset")
+        payload = bytes([data.draw(st.integers(1, 255), label="byte")]) * min(40000, len(model) - offset)
+        fd = os.open(self.mnt.volume(name), os.O_WRONLY)
+        try:
+            assert os.pwrite(fd, payload, offset) == len(payload)
+        finally:
+            os.close(fd)
+        model[offset : offset + len(payload)] = payload
+
+    @precondition(lambda self: self.clones)
+    @rule(data=st.data())
+    def delete_clone(self, data):
+        name = data.draw(st.sampled_from(sorted(self.clones)), label="clone")
+        os.unlink(self.mnt.volume(name))
+        del self.clones[name]
+
+    def _until_copied(self, operation):
+        """A clone's copy may still hold the files an operation changes (EBUSY): wait for it."""
+        try:
+            return operation()
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or not self.clones:
+                raise
+        self._sync()
+        return operation()
+
+    @precondition(lambda self: self.order)
+    @rule(data=st.data())
+    def revert(self, data):
+        name = data.draw(st.sampled_from(self.order), label="snapshot")
+        destroy = data.draw(st.booleans(), label="destroy newer")
+        newer = self.order[self.order.index(name) + 1 :]
+        args = ["revert", *(["--destroy-newer"] if destroy else []), str(self.mnt.snapshot_dir(VOLUME, name))]
+        result = vfsnap(*args, check_rc=False)
+        if result.returncode and "still copying" in result.stderr and self.clones:
+            self._sync()
+            result = vfsnap(*args, check_rc=False)
+        if newer and not destroy:
+            assert result.returncode == 1 and "newer snapshots exist" in result.stderr, result.stderr
+            return
+        assert result.returncode == 0, result.stderr
+        for gone in newer:
+            del self.snapshots[gone]
+            self.order.remove(gone)
+        self.live = bytearray(self.snapshots[name])
 
     @rule(extra_kib=st.sampled_from([64, 100, 512]))
     def extend(self, extra_kib):
@@ -172,6 +247,9 @@ class SnapshotMachine(RuleBasedStateMachine):
             assert os.readlink(self.mnt.snapshot_dir(VOLUME) / "latest") == self.order[-1]
         for name, content in self.snapshots.items():
             assert self.mnt.snapshot(VOLUME, name).read_bytes() == content, name
+        assert sorted(os.listdir(self.mnt.path / "volumes")) == sorted([VOLUME, *self.clones])
+        for name, model in self.clones.items():
+            assert self.mnt.volume(name).read_bytes() == bytes(model), name
 
 
 SnapshotMachine.TestCase.settings = settings(

@@ -61,3 +61,9 @@ class NotPermitted(VfsnapError):
 
 class NoSpace(VfsnapError):
     errno = errno_codes.ENOSPC
+
+
+class NewerSnapshots(VfsnapError):
+    """A revert to a snapshot that is not the newest, without `--destroy-newer`."""
+
+    errno = errno_codes.ENOTEMPTY

@@ -50,6 +50,7 @@ class MountOptions:
     max_over_subscription_ratio: float = 20.0  # Cinder's default
     reserved_percentage: float = 0.0
     metadata_flush_interval: float = 5.0  # seconds between background write-backs of metadata
+    clone_copy_rate: int = 0  # bytes/s a clone's background copy goes through (0: no limit)
     log_file: str | None = None
     log_level: str = "info"
     foreground: bool = False
@@ -114,6 +115,7 @@ _VALUED = {
     "max_over_subscription_ratio": ("max_over_subscription_ratio", float),
     "reserved_percentage": ("reserved_percentage", float),
     "metadata_flush_interval": ("metadata_flush_interval", float),
+    "clone_copy_rate": ("clone_copy_rate", _size),
     "log": ("log_file", str),
     "log_file": ("log_file", str),
     "log_level": ("log_level", str),

@@ -36,6 +36,7 @@ from vfsnap.share.share import Share
 class Report:
     problems: list[str] = attrs.field(factory=list)
     repaired: list[str] = attrs.field(factory=list)
+    notes: list[str] = attrs.field(factory=list)  # states that are fine, worth knowing
 
     def problem(self, text: str) -> None:
         self.problems.append(text)
@@ -54,6 +55,8 @@ def check(path: str, *, repair: bool = False, out=sys.stdout) -> int:
         report = check_share(share, repair=repair)
     finally:
         share.close()
+    for line in report.notes:
+        print(f"note: {line}", file=out)
     for line in report.repaired:
         print(f"repaired: {line}", file=out)
     for line in report.problems:
@@ -83,7 +86,10 @@ def check_share(share: Share, *, repair: bool) -> Report:
     # Interrupted operations first: they explain (or, repaired, remove) files that would
     # otherwise look like volumes of their own (an overlay created but never committed).
     journal_files: set[str] = set()
-    for volume in share.volumes_with_journal():
+    volumes = share.volumes_with_journal()
+    # Clones first: a finished copy releases the source's point in time, whose merge follows.
+    volumes.sort(key=lambda v: _is_clone(v) is False)
+    for volume in volumes:
         try:
             _check_journal(volume, report, repair=repair)
         except VfsnapError as exc:
@@ -102,6 +108,13 @@ def check_share(share: Share, *, repair: bool) -> Report:
 
 
 def _check_journal(volume, report: Report, *, repair: bool) -> None:
+    from vfsnap.share import clone
+
+    entry = clone.clone_entry(volume.sidecar())
+    if entry is not None:
+        _check_clone(volume, entry, report, repair=repair)
+        if len(volume.sidecar().journal) == (0 if repair else 1):
+            return
     if repair:
         for line in snapshots.recover(volume):
             report.fixed(line)
@@ -110,8 +123,45 @@ def _check_journal(volume, report: Report, *, repair: bool) -> None:
             report.problem(f"{volume.name}: deleting snapshot {snapshot} failed: {error}")
     else:
         for entry in volume.sidecar().journal:
+            if entry["op"] == clone.OP:
+                continue
+            if entry["op"] == "delete" and clone.holds(volume.share, entry):
+                report.notes.append(f"{volume.name}: point in time of clone {entry['held_for']} kept until "
+                                    f"its copy is done")
+                continue
             what = entry.get("snapshot") or entry.get("to") or ""
             report.problem(f"{volume.name}: interrupted operation {entry['op']} {what}".rstrip())
+
+
+def _is_clone(volume) -> bool:
+    from vfsnap.share import clone
+
+    try:
+        return clone.clone_entry(volume.sidecar()) is not None
+    except VfsnapError:
+        return False
+
+
+def _check_clone(volume, entry: dict, report: Report, *, repair: bool) -> None:
+    """A clone whose background copy has not finished is a normal state (the mount resumes
+    the copy): its chain may read the source's files it pins, and those must exist."""
+    from vfsnap.share import clone
+
+    missing = [f for f in entry.get("pins", ()) if not volume.share.dir.exists(f)]
+    if missing:
+        report.problem(f"{volume.name}: unfinished clone of {entry['source']}: source files missing: "
+                       f"{' '.join(missing)}")
+        return
+    if not repair:
+        report.notes.append(f"{volume.name}: unfinished clone of {entry['source']}@{entry['snapshot']} "
+                            f"(reads {entry['top']} until its copy is done)")
+        return
+    trio.run(clone.run_copy, volume)
+    error = clone.copy_state(volume).error
+    if error is not None:
+        report.problem(f"{volume.name}: copying the clone's data failed: {error}")
+    else:
+        report.fixed(f"{volume.name}: finished copying the clone's data from {entry['source']}")
 
 
 def _check_volume(share: Share, name: str, report: Report, *, repair: bool) -> None:

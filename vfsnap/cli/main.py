@@ -6,6 +6,8 @@
     vfsnap check SHARE [--repair]
     vfsnap map [--output=human|json] FILE
     vfsnap diff [--from-snap SNAP] [--output=human|json] FILE
+    vfsnap clone SOURCE NEWVOL
+    vfsnap revert [--destroy-newer] MOUNTPOINT/snapshots/VOL/SNAP
 
 Exit codes: 0 success, 1 usage or runtime error, 2 `check` found problems, 3 mount failed.
 """
@@ -67,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     from vfsnap.cli import extents
 
     extents.add_parsers(sub)
+    clone = sub.add_parser("clone", help="make a new volume from a snapshot or a volume, at once")
+    clone.add_argument("source", help="MOUNTPOINT/snapshots/VOL/SNAP (or its file) or MOUNTPOINT/volumes/VOL")
+    clone.add_argument("new", help="the new volume's name (or MOUNTPOINT/volumes/NAME)")
+
+    revert = sub.add_parser("revert", help="make a volume its snapshot's content again, at once")
+    revert.add_argument("snapshot", help="MOUNTPOINT/snapshots/VOL/SNAP")
+    revert.add_argument("--destroy-newer", action="store_true", help="also delete the snapshots newer than SNAP")
     return parser
 
 
@@ -89,6 +98,12 @@ def main(argv: list[str] | None = None) -> int:
             from vfsnap.cli import extents
 
             return extents.run(args)
+        if args.command in ("clone", "revert"):
+            from vfsnap.cli import clone
+
+            if args.command == "clone":
+                return clone.clone(args.source, args.new)
+            return clone.revert(args.snapshot, destroy_newer=args.destroy_newer)
     except QuietError as exc:
         print(f"vfsnap: {exc}", file=sys.stderr)
         return exc.exitcode

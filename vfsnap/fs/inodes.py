@@ -80,3 +80,7 @@ class InodeTable:
         """Retire every dynamic key for which `predicate(key)` is true."""
         for key in [k for k, ino in self._by_key.items() if ino >= FIRST_DYNAMIC and predicate(k)]:
             self.retire(key)
+
+    def known(self, key: tuple) -> int | None:
+        """The inode number of `key` if one was ever given out (the kernel may cache it)."""
+        return self._by_key.get(key)

@@ -21,7 +21,7 @@ import pyfuse3
 import trio
 
 from vfsnap.errors import NotFound, VfsnapError
-from vfsnap.fs import control
+from vfsnap.fs import commands, control
 from vfsnap.fs.inodes import CONTROL, ROOT, SNAPSHOTS, VOLUMES, InodeTable
 from vfsnap.names import is_snapshot_name
 from vfsnap.share import snapshots
@@ -503,6 +503,7 @@ class VfsnapOperations(pyfuse3.Operations):
         """Run the volume's journalled deletions in the background (or at the next mount)."""
         if self._nursery is not None and not volume.runner_active:
             self._nursery.start_soon(snapshots.run_pending, volume)
+        commands.start_copy(self, volume)  # a clone's copy (resumed at mount)
 
     @handler
     async def create(self, parent_inode, name, mode, flags, ctx):
@@ -543,6 +544,7 @@ class VfsnapOperations(pyfuse3.Operations):
         async with ChainChange(volume):
             self.pool.remove_volume(text)
         self._retire_volume(text)
+        commands.start_held_merges(self)  # a clone removed mid-copy releases its source
 
     def _retire_volume(self, volume: str) -> None:
         for kind in ("volume", "snapdir", "latest"):
@@ -616,6 +618,9 @@ class VfsnapOperations(pyfuse3.Operations):
         key = self.inodes.key(inode)
         if os.fsdecode(name) == "fuse_stacktrace" and key[0] == "root":
             pyfuse3.stacktrace() if hasattr(pyfuse3, "stacktrace") else None
+            return
+        if commands.handles(key, os.fsdecode(name)):
+            await commands.run(self, key, os.fsdecode(name), value)
             return
         control.set_attribute(self.pool, key, os.fsdecode(name), value)
 

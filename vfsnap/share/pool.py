@@ -115,12 +115,13 @@ class Pool:
         return [v for share in self.shares for v in share.volumes_with_journal()]
 
     def operations(self) -> list[dict]:
+        from vfsnap.share import clone
         from vfsnap.share.snapshots import operations
 
         out = []
         for share in self.shares:
             for volume in share.open_volumes():
-                out += operations(volume)
+                out += operations(volume) + clone.operations(volume)
         return out
 
     def volumes_needing_recovery(self) -> list[Volume]:

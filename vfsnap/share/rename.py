@@ -32,6 +32,14 @@ def journal_file(new: str) -> str:
     return JOURNAL_PREFIX + hashlib.sha256(new.encode()).hexdigest()[:32]
 
 
+def _refuse_if_cloned(share, volume) -> None:
+    from vfsnap.share.clone import pinned_by
+
+    clone = pinned_by(share, volume.files())
+    if clone is not None:
+        raise Busy(f"volume {volume.name}: clone {clone} still reads from its files (its copy is running)")
+
+
 def rename_volume(share, old: str, new: str) -> None:
     new = check_volume_name(new)
     if share.read_only:
@@ -41,6 +49,7 @@ def rename_volume(share, old: str, new: str) -> None:
         raise Busy(f"volume {old} is open")
     if volume.sidecar().journal:
         raise Busy(f"volume {old} has operations in progress")
+    _refuse_if_cloned(share, volume)
     volume.record()  # the record made when vfsnap met it moves with it
     info = volume.info()
     chain = [image.name for image in volume.live_chain()]

@@ -128,11 +128,15 @@ class Share:
         answer first and run them between requests. Volumes already in use here are left to
         their users: a journal is finished by the first chain change (`needs_recovery`), a dirty
         image has its refcounts rebuilt before its first write (`prepare_for_writing`)."""
+        from vfsnap.share.clone import recover_share
         from vfsnap.share.rename import pending_renames, run_rename
         from vfsnap.share.snapshots import recover
 
         self.recovery_pending = True
         try:
+            for line in recover_share(self):
+                log.info("%s", line)
+                self.index.invalidate()
             for entry in pending_renames(self):
                 log.info("%s: finishing the interrupted rename of %s to %s", self.path, entry["from"], entry["to"])
                 run_rename(self, entry)
@@ -245,6 +249,11 @@ class Share:
         if volume.open_count:
             raise Busy(f"volume {name} is open")
         info = volume.info()
+        from vfsnap.share.clone import pinned_by
+
+        clone = pinned_by(self, volume.files())
+        if clone is not None:
+            raise Busy(f"volume {name}: clone {clone} still reads from it (its copy is running; see vfsnap status)")
         if info.snapshots:
             raise Busy(f"volume {name} has snapshots; delete them first")
         files = [info.active] if info.active != name else []

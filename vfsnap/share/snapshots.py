@@ -45,8 +45,13 @@ MAX_CATCH_UP_ROUNDS = 8
 # -- taking a snapshot ----------------------------------------------------------------------
 
 
-def take_snapshot(volume, snapshot: str, *, now: float | None = None) -> None:
-    """Take snapshot `snapshot` of the live volume. The caller holds `volume.chain_lock`."""
+def take_snapshot(volume, snapshot: str, *, now: float | None = None, hidden_for: str | None = None) -> None:
+    """Take snapshot `snapshot` of the live volume. The caller holds `volume.chain_lock`.
+
+    `hidden_for`: the point-in-time of a clone of the live volume (`vfsnap.share.clone`): the
+    snapshot is journalled for deletion in the same write that finishes it, so it is never
+    listed, and its merge waits until that clone no longer reads from it.
+    """
     snapshot = check_snapshot_name(snapshot)
     overlay = overlay_file(volume.name, snapshot)
     if volume.share.read_only:
@@ -59,6 +64,8 @@ def take_snapshot(volume, snapshot: str, *, now: float | None = None) -> None:
     view = volume.live_view()
     active = info.active
     entry = {"op": "snapshot", "snapshot": snapshot, "overlay": overlay, "backing": active}
+    if hidden_for is not None:
+        entry["hidden_for"] = hidden_for
     volume.save_sidecar(volume.sidecar().with_entry(entry))
     created = False
     try:
@@ -80,13 +87,23 @@ def take_snapshot(volume, snapshot: str, *, now: float | None = None) -> None:
     # Committed: from here on nothing may report the snapshot as failed.
     _switch_to_new_top(volume, view)
     try:
-        volume.save_sidecar(volume.sidecar().with_created(snapshot, now or time.time()).without_entry(entry))
+        volume.save_sidecar(_finished_snapshot(volume.sidecar(), entry, now or time.time()))
     except (VfsnapError, OSError) as exc:
         # The journal entry stays; the mount's background task (or the next mount) records the
         # time and clears it.
         log.error("%s: snapshot %s taken, but its record could not be written: %s", volume.name, snapshot, exc)
         volume.needs_recovery = True
     log.info("%s: took snapshot %s (%s)", volume.name, snapshot, overlay)
+
+
+def _finished_snapshot(sidecar, entry: dict, created: float):
+    """The sidecar once snapshot `entry` is committed: its creation time, no journal entry, and
+    for a clone's hidden point-in-time its deletion, held while the clone reads from it."""
+    sidecar = sidecar.with_created(entry["snapshot"], created).without_entry(entry)
+    if entry.get("hidden_for"):
+        sidecar = sidecar.with_entry({"op": "delete", "snapshot": entry["snapshot"], "overlay": entry["overlay"],
+                                      "held_for": entry["hidden_for"]})
+    return sidecar
 
 
 def _switch_to_new_top(volume, view: View) -> None:
@@ -111,6 +128,7 @@ def request_delete(volume, snapshot: str) -> None:
     if volume.open_snapshots.get(snapshot):
         raise Busy(f"snapshot {snapshot} of {volume.name} is open")
     overlay = volume.info().snapshots[snapshot]
+    _refuse_if_pinned(volume, overlay, f"snapshot {snapshot} of {volume.name}")
     entry = {"op": "delete", "snapshot": snapshot, "overlay": overlay}
     volume.save_sidecar(volume.sidecar().with_entry(entry))
     volume.failed.pop(snapshot, None)
@@ -145,7 +163,31 @@ async def run_pending(volume, *, retry_seconds: float = 5.0) -> None:
 
 
 def _pending(volume) -> list[dict]:
-    return [e for e in volume.sidecar().journal if e["op"] == "delete" and e["snapshot"] not in volume.failed]
+    from vfsnap.share.clone import holds
+
+    return [e for e in volume.sidecar().journal
+            if e["op"] == "delete" and e["snapshot"] not in volume.failed and not holds(volume.share, e)]
+
+
+def _held(volume, entry: dict) -> bool:
+    from vfsnap.share.clone import holds
+
+    return holds(volume.share, entry)
+
+
+def _refuse_if_pinned(volume, overlay: str, what: str) -> None:
+    """Deleting a snapshot merges its overlay into the file below: EBUSY while a clone still
+    reads that file (its background copy has not finished)."""
+    from vfsnap.share.clone import pinned_by
+
+    try:
+        names = [image.name for image in volume.live_chain()]
+    except VfsnapError:
+        return  # a broken chain: the merge reports it
+    if overlay in names and names.index(overlay) > 0:
+        clone = pinned_by(volume.share, [names[names.index(overlay) - 1]])
+        if clone is not None:
+            raise Busy(f"{what}: clone {clone} still reads from it (its copy is running; see vfsnap status)")
 
 
 async def _run_entry(volume, entry: dict) -> None:
@@ -268,6 +310,12 @@ def recover(volume) -> list[str]:
     for entry in list(volume.sidecar().journal):
         if entry["op"] == "snapshot":
             actions.append(_recover_snapshot(volume, entry))
+        elif entry["op"] == "revert":
+            from vfsnap.share.revert import recover_revert
+
+            actions.append(recover_revert(volume, entry))
+        elif entry["op"] == "clone":
+            actions.append(f"{volume.name}: copy of clone data from {entry['source']} pending; resuming")
         elif entry["op"] == "delete":
             actions.append(f"{volume.name}: deletion of snapshot {entry['snapshot']} pending; resuming")
         else:
@@ -279,7 +327,7 @@ def _recover_snapshot(volume, entry: dict) -> str:
     snapshot, overlay = entry["snapshot"], entry["overlay"]
     info = volume.info()
     if info.snapshots.get(snapshot) == overlay:
-        volume.save_sidecar(volume.sidecar().with_created(snapshot, time.time()).without_entry(entry))
+        volume.save_sidecar(_finished_snapshot(volume.sidecar(), entry, time.time()))
         return f"{volume.name}: snapshot {snapshot} was committed; finished it"
     if overlay not in info.snapshots.values() and overlay != info.active:
         volume.share.dir.unlink(overlay)
@@ -302,6 +350,8 @@ def operations(volume) -> list[dict]:
             op.update(state="merging", done=merge.done, total=merge.total)
         elif snapshot in volume.failed:
             op.update(state="failed", error=volume.failed[snapshot])
+        elif entry.get("held_for") and _held(volume, entry):
+            op.update(kind="clone-point", state=f"held by clone {entry['held_for']}")
         else:
             op.update(state="queued")
         out.append(op)

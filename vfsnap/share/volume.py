@@ -292,7 +292,11 @@ class Volume:
     # -- images and chains ----------------------------------------------------------------
 
     def rules(self) -> ChainRules:
-        return ChainRules(self.name, base_format=self.sidecar().base_format, max_depth=self.share.options.max_chain_depth)
+        from vfsnap.share.clone import linked_volumes  # an unfinished clone reads on in its source
+
+        sidecar = self.sidecar()
+        return ChainRules(self.name, base_format=sidecar.base_format, max_depth=self.share.options.max_chain_depth,
+                          linked=linked_volumes(sidecar))
 
     def format_of(self, file_name: str) -> str:
         return self.rules().format_of(file_name, None, referrer=self.info_name)
