@@ -36,21 +36,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-PYTHON = sys.executable
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import FUSERMOUNT, GiB, KiB, MiB, PYTHON, ROOT, log, parse_size  # noqa: E402
+
 SCRIPT = ROOT / "contrib" / "vfsnap-backup"
-FUSERMOUNT = shutil.which("fusermount3") or "fusermount3"
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def parse_size(text: str) -> int:
-    units = {"k": KiB, "m": MiB, "g": GiB, "t": 1 << 40}
-    t = text.strip().lower().removesuffix("b").removesuffix("i")
-    return int(float(t[:-1]) * units[t[-1]]) if t[-1] in units else int(t)
 
 
 def human(n: float) -> str:
