@@ -148,3 +148,30 @@ def test_diff_json_is_rbd_diff_form_and_human_is_a_table(share, vfsnap_mount):
     assert json.loads(result.stdout) == [{"offset": 64 * KiB, "length": 64 * KiB, "exists": "true"}]
     table = vfsnap("diff", "--from-snap", "a", str(mnt.volume("vol"))).stdout.splitlines()
     assert table[0].split() == ["Offset", "Length", "Type"] and table[1].split() == [str(64 * KiB), str(64 * KiB), "data"]
+
+
+def test_diff_marks_zeroed_and_discarded_ranges_as_not_existing(share, vfsnap_mount):
+    """Zero clusters and discards in the overlays above the snapshot now read as zeros without
+    data: `exists` "false"; written ones "true"; nothing else listed, also with merges in between."""
+    def writes(level, path, fmt):
+        if level == 0:
+            qemu_io(path, "write -P 1 0 1M", fmt=fmt)
+        elif level == 2:
+            qemu_io(path, "write -z 0 64k", "write -P 2 128k 4k", "discard 256k 64k")
+
+    make_chain(share, "vol", size=MiB, depth=2, writes=writes)
+    mnt = vfsnap_mount()
+    with open(mnt.volume("vol"), "r+b") as f:
+        f.seek(512 * KiB)
+        f.write(b"live")
+    expected = [{"offset": 0, "length": 64 * KiB, "exists": "false"},
+                {"offset": 128 * KiB, "length": 64 * KiB, "exists": "true"},
+                {"offset": 256 * KiB, "length": 64 * KiB, "exists": "false"},
+                {"offset": 512 * KiB, "length": 64 * KiB, "exists": "true"}]
+    result = vfsnap("diff", "--from-snap", "s1", "--output=json", str(mnt.volume("vol")))
+    assert result.returncode == 0 and json.loads(result.stdout) == expected, result.stdout + result.stderr
+    os.rmdir(mnt.snapshot_dir("vol", "s2"))  # merged into vol.s1: still above s1's boundary
+    for _ in range(2):  # while the merge may run, and after it
+        result = vfsnap("diff", "--from-snap", "s1", "--output=json", str(mnt.volume("vol")))
+        assert result.returncode == 0 and json.loads(result.stdout) == expected, result.stdout + result.stderr
+        assert vfsnap("sync", str(mnt.path)).returncode == 0
