@@ -1,8 +1,9 @@
 """`vfsnap diff` against an in-memory model (issue 14): a hypothesis state machine.
 
-It writes to the live volume through the mount (random bytes and zeros, across cluster
-boundaries), takes snapshots with mkdir, deletes any of them with rmdir (the merge then runs in
-the background, also while the next checks run), extends the volume, and after every step asks
+It runs the snapshot model's machine (tests/test_snapshots_model.py: mkdir, rmdir of any
+snapshot with its merge running in the background also while the next checks run, extends,
+syncs, remounts, every view compared with the model after every step), with writes of random
+bytes and of zeros that cross cluster boundaries, and after every step asks
 `vfsnap diff --from-snap S F` for a random older snapshot S and a random later snapshot F, and for
 a random snapshot and the live volume, and checks against the model:
 
@@ -21,64 +22,31 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import hypothesis.strategies as st
 from hypothesis import HealthCheck, settings
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import invariant, precondition, rule
 
-from tests.conftest import ROOT, Mount, requires_fuse
-from tests.qemu import qemu_img
+from tests.conftest import requires_fuse
+from tests.test_snapshots_model import SNAP_NAMES, VOLUME, SnapshotMachine
 from vfsnap.cli.extents import list_diff
 
 pytestmark = requires_fuse
 
-VOLUME = "vol"
-SNAP_NAMES = [f"s{i}" for i in range(8)]
 OVERLAY_CLUSTER = 64 << 10  # vfsnap's overlays (vfsnap.format.create.DEFAULT_CLUSTER_BITS)
 
 
-class DiffMachine(RuleBasedStateMachine):
+class DiffMachine(SnapshotMachine):
+    """The snapshot model's machine (its rules, its check of every view after every step, its
+    remounts and final `qemu-img check`), with writes of zeros and longer writes, a log of the
+    writes, and the diff checks."""
+
     def __init__(self):
         super().__init__()
-        self.tmp = tempfile.TemporaryDirectory(prefix="vfsnap-diff-model-")
-        root = Path(self.tmp.name)
-        self.share = root / "share"
-        self.share.mkdir()
-        self.mnt: Mount | None = None
-        self.mnt_path = root / "mnt"
-        self.live = bytearray()
-        self.snapshots: dict[str, bytes] = {}
-        self.order: list[str] = []
         self.writes: list[tuple[int, int]] = []  # every write, in order: (offset, end)
         self.taken_at: dict[str, int] = {}  # snapshot -> len(self.writes) when it was taken
         self.steps = 0
-
-    @initialize(size_kib=st.sampled_from([1024, 2048]), base=st.sampled_from(["raw", "qcow2"]))
-    def start(self, size_kib, base):
-        size = size_kib * 1024
-        if base == "raw":
-            with open(self.share / VOLUME, "wb") as f:
-                f.truncate(size)
-        else:
-            qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(self.share / VOLUME), str(size))
-        self.live = bytearray(size)
-        self.mnt = Mount(self.share, self.mnt_path).start()
-
-    def teardown(self):
-        try:
-            if self.mnt is not None:
-                self.mnt.stop()
-                assert not self.mnt.unexpected_errors(), self.mnt.unexpected_errors()
-        finally:
-            if self.mnt is not None and self.mnt.process is not None:
-                self.mnt.stop()
-            self.tmp.cleanup()
-
-    # -- rules ------------------------------------------------------------------------------
 
     @rule(data=st.data())
     def write(self, data):
@@ -95,35 +63,13 @@ class DiffMachine(RuleBasedStateMachine):
         self.live[offset : offset + length] = payload
         self.writes.append((offset, offset + length))
 
-    @precondition(lambda self: len(self.order) < 6)
+    @precondition(lambda self: len(self.order) < 8)
     @rule(name=st.sampled_from(SNAP_NAMES))
     def mkdir(self, name):
-        if name in self.snapshots:
-            return
-        os.mkdir(self.mnt.snapshot_dir(VOLUME, name))
-        self.snapshots[name] = bytes(self.live)
-        self.order.append(name)
-        self.taken_at[name] = len(self.writes)
-
-    @precondition(lambda self: self.order)
-    @rule(data=st.data())
-    def rmdir(self, data):
-        name = data.draw(st.sampled_from(self.order), label="snapshot")
-        os.rmdir(self.mnt.snapshot_dir(VOLUME, name))
-        del self.snapshots[name]
-        self.order.remove(name)
-
-    @rule(extra_kib=st.sampled_from([64, 100]))
-    def extend(self, extra_kib):
-        new_size = len(self.live) + extra_kib * 1024
-        os.truncate(self.mnt.volume(VOLUME), new_size)
-        self.live.extend(bytes(new_size - len(self.live)))
-
-    @rule()
-    def sync(self):
-        result = subprocess.run([sys.executable, "-m", "vfsnap", "sync", str(self.mnt_path), "--timeout", "120"],
-                                capture_output=True, text=True, cwd=ROOT)
-        assert result.returncode == 0, result.stderr
+        new = name not in self.snapshots
+        super().mkdir(name)
+        if new:
+            self.taken_at[name] = len(self.writes)
 
     # -- invariants ---------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ import random
 import re
 import subprocess
 import sys
+import time
 
 from tests.conftest import ROOT, requires_fuse
 from tests.qemu import make_chain, qemu_io
@@ -148,3 +149,77 @@ def test_diff_json_is_rbd_diff_form_and_human_is_a_table(share, vfsnap_mount):
     assert json.loads(result.stdout) == [{"offset": 64 * KiB, "length": 64 * KiB, "exists": "true"}]
     table = vfsnap("diff", "--from-snap", "a", str(mnt.volume("vol"))).stdout.splitlines()
     assert table[0].split() == ["Offset", "Length", "Type"] and table[1].split() == [str(64 * KiB), str(64 * KiB), "data"]
+
+
+def test_diff_marks_zeroed_and_discarded_ranges_as_not_existing(share, vfsnap_mount):
+    """Zero clusters and discards in the overlays above the snapshot now read as zeros without
+    data: `exists` "false"; written ones "true"; nothing else listed, also with merges in between."""
+    def writes(level, path, fmt):
+        if level == 0:
+            qemu_io(path, "write -P 1 0 1M", fmt=fmt)
+        elif level == 2:
+            qemu_io(path, "write -z 0 64k", "write -P 2 128k 4k", "discard 256k 64k")
+
+    make_chain(share, "vol", size=MiB, depth=2, writes=writes)
+    mnt = vfsnap_mount()
+    with open(mnt.volume("vol"), "r+b") as f:
+        f.seek(512 * KiB)
+        f.write(b"live")
+    expected = [{"offset": 0, "length": 64 * KiB, "exists": "false"},
+                {"offset": 128 * KiB, "length": 64 * KiB, "exists": "true"},
+                {"offset": 256 * KiB, "length": 64 * KiB, "exists": "false"},
+                {"offset": 512 * KiB, "length": 64 * KiB, "exists": "true"}]
+    result = vfsnap("diff", "--from-snap", "s1", "--output=json", str(mnt.volume("vol")))
+    assert result.returncode == 0 and json.loads(result.stdout) == expected, result.stdout + result.stderr
+    os.rmdir(mnt.snapshot_dir("vol", "s2"))  # merged into vol.s1: still above s1's boundary
+    for _ in range(2):  # while the merge may run, and after it
+        result = vfsnap("diff", "--from-snap", "s1", "--output=json", str(mnt.volume("vol")))
+        assert result.returncode == 0 and json.loads(result.stdout) == expected, result.stdout + result.stderr
+        assert vfsnap("sync", str(mnt.path)).returncode == 0
+
+
+def test_diff_of_a_live_volume_being_written_includes_every_acknowledged_write(share, vfsnap_mount):
+    """A writer thread keeps writing 4 KiB blocks (no fsync); every diff since snapshot `a`
+    covers each write acknowledged before the diff started, and lists only clusters some started
+    write touched."""
+    import threading
+
+    from vfsnap.cli.extents import list_diff
+
+    size = 8 * MiB
+    make_chain(share, "vol", size=size, depth=0)
+    mnt = vfsnap_mount()
+    os.mkdir(mnt.snapshot_dir("vol", "a"))
+    started: list[tuple[int, int]] = []  # appended before each pwrite
+    acknowledged: list[tuple[int, int]] = []  # appended after it returned
+    stop = threading.Event()
+
+    def writer():
+        rng = random.Random(5)
+        fd = os.open(mnt.volume("vol"), os.O_WRONLY)
+        try:
+            while not stop.is_set():
+                offset = rng.randrange(0, size - 4096)
+                started.append((offset, offset + 4096))
+                os.pwrite(fd, b"w" * 4096, offset)
+                acknowledged.append((offset, offset + 4096))
+        finally:
+            os.close(fd)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        for _ in range(30):
+            time.sleep(0.02)  # let the writer go on between diffs
+            before = list(acknowledged)
+            extents = list_diff(str(mnt.volume("vol")), "a")
+            allowed = {c for s, e in list(started) for c in range(s // (64 * KiB), (e - 1) // (64 * KiB) + 1)}
+            covered = [(x["offset"], x["offset"] + x["length"]) for x in extents]
+            for s, e in before:
+                assert any(cs <= s and e <= ce for cs, ce in covered), f"write [{s}, {e}) missing from {covered}"
+            for cs, ce in covered:
+                assert all(c in allowed for c in range(cs // (64 * KiB), (ce - 1) // (64 * KiB) + 1))
+    finally:
+        stop.set()
+        thread.join()
+    assert len(acknowledged) > 20

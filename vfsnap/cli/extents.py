@@ -17,10 +17,7 @@ import json
 import os
 
 from vfsnap.cli.main import EXIT_OK, QuietError
-
-MAP_PREFIX = "user.vfsnap.map."
-DIFF_PREFIX = "user.vfsnap.diff."
-XATTR_SIZE_MAX = 65536
+from vfsnap.fs.extents import DIFF_PREFIX, MAP_PREFIX, XATTR_SIZE_MAX
 # A page answer names the chain it was computed on; when it changes (snapshot taken, merge
 # done) the listing starts again, at most this many times.
 MAX_RESTARTS = 8

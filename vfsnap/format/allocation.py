@@ -56,6 +56,8 @@ _KIND_LETTER = _table(lambda b: ord("D") if b & 4 or b == 1 else ord("Z") if b &
 _RUNS = re.compile(rb"D+|Z+|U+")
 _NONZERO_RUNS = re.compile(rb"\x01+")
 _LETTER_KIND = {ord("D"): DATA, ord("Z"): ZERO, ord("U"): UNALLOCATED}
+_ZERO_BLOCK_BYTES = 4096
+_ZERO_BLOCK = bytes(_ZERO_BLOCK_BYTES)
 
 
 def allocation(image: Image, start: int, end: int) -> list[Run]:
@@ -144,9 +146,20 @@ def _qcow2_allocation(image: Qcow2Image, start: int, end: int) -> list[Run]:
 def _standard_runs(table, first: int, stop: int, cluster_bits: int) -> list[Run]:
     """Runs of L2 entries [first, stop) of a standard table, in bytes from the table's start."""
     raw = table[first:stop].tobytes()
-    codes = _standard_codes(raw, stop - first)
-    return [((first + m.start()) << cluster_bits, (first + m.end()) << cluster_bits, _LETTER_KIND[codes[m.start()]])
-            for m in _RUNS.finditer(codes)]
+    # Only the part between the first and the last non-zero 4 KiB of the table needs
+    # classifying (a sparse volume's tables are mostly zeros): comparing slices with zeros is a
+    # memcmp, where `bytes.strip` or a conversion to one big integer would cost 5-20x more.
+    used = [i for i in range(0, len(raw), _ZERO_BLOCK_BYTES) if raw[i : i + _ZERO_BLOCK_BYTES] != _ZERO_BLOCK[: len(raw) - i]]
+    if not used:
+        return [(first << cluster_bits, stop << cluster_bits, UNALLOCATED)]
+    lo, hi = first + used[0] // 8, first + min(len(raw), used[-1] + _ZERO_BLOCK_BYTES) // 8
+    codes = _standard_codes(raw[(lo - first) * 8 : (hi - first) * 8], hi - lo)
+    out: list[Run] = []
+    _append(out, first << cluster_bits, lo << cluster_bits, UNALLOCATED)
+    for m in _RUNS.finditer(codes):
+        _append(out, (lo + m.start()) << cluster_bits, (lo + m.end()) << cluster_bits, _LETTER_KIND[codes[m.start()]])
+    _append(out, hi << cluster_bits, stop << cluster_bits, UNALLOCATED)
+    return out
 
 
 def _standard_codes(raw: bytes, count: int) -> bytes:
