@@ -10,7 +10,6 @@ import contextlib
 import errno
 import logging
 import os
-import stat
 
 import attrs
 
@@ -19,18 +18,16 @@ from vfsnap.chain.view import MapBudget
 from vfsnap.format import TableCache
 from vfsnap.format.create import create_qcow2
 from vfsnap.names import (
-    INFO_SUFFIX,
     SIDECAR_SUFFIX,
     check_volume_name,
     info_file,
-    is_snapshot_name,
     is_volume_name,
     sidecar_file,
 )
 from vfsnap.options import MountOptions
 from vfsnap.share.files import ShareDir
 from vfsnap.share.index import ShareIndex
-from vfsnap.share.info import Sidecar, parse_info, parse_sidecar
+from vfsnap.share.info import Sidecar
 from vfsnap.share.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -96,14 +93,17 @@ class Share:
     def open_volumes(self) -> list[Volume]:
         return list(self._volumes.values())
 
+    def met_volumes(self) -> list[str]:
+        """Names with a sidecar: the volumes vfsnap has met (from one listdir, no index)."""
+        return sorted(n[: -len(SIDECAR_SUFFIX)] for n in self.dir.listdir() if n.endswith(SIDECAR_SUFFIX))
+
     def volumes_with_journal(self) -> list[Volume]:
-        """Volumes whose sidecar holds unfinished operations (found by reading the sidecars
-        the index found)."""
+        """Volumes whose sidecar holds unfinished operations (found by reading sidecars)."""
         found = []
-        for name in sorted(self.index.current().with_sidecar):
+        for name in self.met_volumes():
             try:
                 data = self.dir.read_small(sidecar_file(name))
-                if data is None or b'"journal"' not in data:
+                if data is None or b'"journal"' not in data or not self.is_volume(name):
                     continue
                 found.append(self.volume(name))
             except VfsnapError as exc:
@@ -152,13 +152,17 @@ class Share:
                         log.error("%s: recovery failed: %s", volume.name, exc)
                 yield
             self.recovery_pending = False
-            for name in self.volume_names():
+            # Only volumes vfsnap has met (they have a sidecar) can have been written by vfsnap
+            # when it crashed; what another program (QEMU) left dirty, it repairs itself.
+            for name in self.met_volumes():
                 used = self._volumes.get(name)
                 if used is not None and (used.open_count or used.has_open_images):
                     continue
+                if not is_volume_name(name) or not self.dir.exists(name):
+                    continue
                 volume = used or Volume(self, name)
                 try:
-                    if volume.dirty_images():
+                    if volume.dirty_images() and self.is_volume(name):
                         with _held_by_us(volume) as ours:
                             if ours:  # a dirty image another host is writing is not a crash's leftover
                                 volume.repair_dirty_images()
