@@ -260,8 +260,8 @@ def build_deep(workdir: Path, depth: int) -> Path:
         else:
             path.write_bytes(later.read_bytes().replace(b"vol.s0000", names[level - 1].encode(), 1))
         # One cluster of data per overlay, somewhere: every level holds something.
-        run("qemu-io", "-f", "qcow2", "-c", f"write -P {level % 250 + 1} {rng.randrange(GiB // 65536) * 65536} 65536",
-            path)
+        alone = json.dumps({"driver": "qcow2", "file": {"driver": "file", "filename": str(path)}, "backing": None})
+        run("qemu-io", "-c", f"write -P {level % 250 + 1} {rng.randrange(GiB // 65536) * 65536} 65536", f"json:{alone}")
     info = {"active": names[-1], **{f"s{level:04d}": names[level] for level in range(1, depth + 1)}}
     (share / "vol.info").write_text(json.dumps(info, indent=1, sort_keys=True))
     done.write_text("")
