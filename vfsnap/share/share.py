@@ -120,10 +120,10 @@ class Share:
         """Finish or roll back what a crash interrupted (renames, snapshot creation; images
         left dirty), all at once (`vfsnap check`, tests). The mount runs `recovery()` in the
         background instead, after it answers."""
-        for _ in self.recovery():
+        for _ in self.recovery(every_volume=True):
             pass
 
-    def recovery(self):
+    def recovery(self, *, every_volume: bool = False):
         """The steps of `recover`, one volume per step (a generator), so that the mount can
         answer first and run them between requests. Volumes already in use here are left to
         their users: a journal is finished by the first chain change (`needs_recovery`), a dirty
@@ -152,9 +152,10 @@ class Share:
                         log.error("%s: recovery failed: %s", volume.name, exc)
                 yield
             self.recovery_pending = False
-            # Only volumes vfsnap has met (they have a sidecar) can have been written by vfsnap
-            # when it crashed; what another program (QEMU) left dirty, it repairs itself.
-            for name in self.met_volumes():
+            # A mount writes only volumes it has met (recorded at their first open: they have a
+            # sidecar); what another program (QEMU) left dirty, it repairs itself. `recover`
+            # (check, the library) looks at every volume, which may have been written unrecorded.
+            for name in self.volume_names() if every_volume else self.met_volumes():
                 used = self._volumes.get(name)
                 if used is not None and (used.open_count or used.has_open_images):
                     continue
