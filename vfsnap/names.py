@@ -29,6 +29,7 @@ TEMP_PREFIX = ".vfsnap-tmp-"
 
 _SNAPSHOT_RE = re.compile(rb"[A-Za-z0-9_-]+")
 _VOLUME_RE = re.compile(rb"[A-Za-z0-9_.-]+")
+_RESERVED_VOLUME_SUFFIXES = tuple(suffix.encode() for suffix in RESERVED_VOLUME_SUFFIXES)
 
 
 def _as_bytes(name: str | bytes) -> bytes:
@@ -56,11 +57,10 @@ def check_snapshot_name(name: str | bytes) -> str:
 
 
 def is_volume_name(name: str | bytes) -> bool:
-    try:
-        check_volume_name(name)
-    except (InvalidName, NameTooLong):
-        return False
-    return True
+    """`check_volume_name` without the exception (the share's index asks it of every file)."""
+    raw = _as_bytes(name)
+    return (0 < len(raw) <= VOLUME_NAME_MAX and _VOLUME_RE.fullmatch(raw) is not None and not raw.startswith(b".")
+            and not raw.endswith(_RESERVED_VOLUME_SUFFIXES))
 
 
 def check_volume_name(name: str | bytes) -> str:

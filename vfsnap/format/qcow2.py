@@ -96,7 +96,11 @@ class Qcow2Image(Qcow2Writer, Image):
         # The refcount table is read for a moment only (QEMU caps it at 8 MiB); what is kept is
         # counted first, without building it, and must fit the budget before it is built.
         rt_bytes = h.refcount_table_clusters << cb
-        reftable = table_from_bytes(pread_full(self.fd, rt_bytes, h.refcount_table_offset)) if rt_bytes else ()
+        raw = pread_full(self.fd, rt_bytes, h.refcount_table_offset) if rt_bytes else b""
+        # Only up to the last used entry: a small image's table is a cluster of mostly zeros,
+        # and looking at all of them cost 1 ms per image (a 1000-deep chain opened in 2 s).
+        used = -(-len(raw.rstrip(b"\0")) // 8) * 8
+        reftable = table_from_bytes(raw[:used]) if used else ()
         blocks = sum(1 for e in reftable if e & OFFSET_MASK)
         tables = sum(1 for e in self.l1 if e & OFFSET_MASK)
         self._pin((blocks + tables + len(l1_span) + len(rt_span) + 1) * METADATA_ENTRY_BYTES)

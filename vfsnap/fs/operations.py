@@ -37,6 +37,8 @@ ENTRY_TIMEOUT = 1.0
 ATTR_TIMEOUT = 1.0
 DIR_MODE = stat.S_IFDIR | 0o755
 RO_BITS = ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
+# The mount's recovery runs in slices this long between requests.
+RECOVERY_SLICE_SECONDS = 0.005
 
 
 def directory_mode(file_mode: int) -> int:
@@ -659,13 +661,15 @@ class VfsnapOperations(pyfuse3.Operations):
         one volume at a time between requests (`Pool.recovery`)."""
         steps = self.pool.recovery()
         while True:
+            until = time.monotonic() + RECOVERY_SLICE_SECONDS
             try:
-                if next(steps, StopIteration) is StopIteration:
-                    return
+                while time.monotonic() < until:
+                    if next(steps, StopIteration) is StopIteration:
+                        return
             except Exception:  # noqa: BLE001 - a broken share file must not take the mount down
                 log.exception("recovering after a crash")
                 return
-            await trio.sleep(0)
+            await trio.sleep(0)  # requests first
 
     async def _flush_dirty_volumes(self) -> None:
         """The periodic write-back, one volume after the other; a failing one does not stop

@@ -6,19 +6,21 @@ file, not a vfsnap sidecar or temporary file, not named as an image by any volum
 (named by the journal in `<vol>`'s sidecar, not yet in `.info`), and not a file of a rename
 under way.
 
-One scan costs one `listdir` of the share, one read of each `.info` and of each rename journal,
-and a sidecar read only for a file `<vol>.<snap>` that no `.info` names while `<vol>` has a
-sidecar (a snapshot being taken, or a leftover). Owners are found by dict lookup, so a scan is
+One scan costs one `listdir` of the share, an lstat of each `.info` (read again only when it
+changed), a read of each rename journal, and a sidecar read only for a file `<vol>.<snap>` that
+no `.info` names while `<vol>` has a sidecar (a snapshot being taken, or a leftover). Owners are found by dict lookup, so a scan is
 O(files on the share), never O(pairs of files).
 
 A scan is kept until the share directory changes (its mtime, ctime or inode differ) and for at
-most `RESCAN_SECONDS`. The interval is what makes another host's change appear: over NFS and
-GlusterFS the directory's times reach this host through the client's attribute cache (NFS
-`acdirmin` is 30 s by default), so a change there may not show in them in time; and on a local
-disk the times are coarse (a clock tick), so two changes in one tick leave the same mtime. A
+most `RESCAN_SECONDS` (or ten times as long as the scan took, so that scanning a huge share never
+takes more than a tenth of the daemon's time). The interval is what makes another host's change
+appear in time: over NFS and GlusterFS the directory's times reach this host through the
+client's attribute cache (NFS `acdirmin` is 30 s by default), so they may not show a change in
+time; Cinder rewrites `.info` in place, which changes no directory time at all; and on a local
+disk the times are coarse (a clock tick), so two changes in one tick leave the same mtime: a
 scan whose directory mtime is that close to the moment of the scan is kept only for
-`RACY_SECONDS`. Changes made through this mount update the index at once (`added`, `removed`; a rename
-drops the scan), whatever the directory's times say.
+`RACY_SECONDS`. Changes made through this mount update the index at once (`added`, `removed`; a
+rename drops the scan), whatever the directory's times say.
 
 The last scan (`ShareIndex.state`) is a snapshot of the share readable without touching the
 share: what listing, `df` and `status` can fall back to when the share stops answering.
@@ -42,6 +44,7 @@ RESCAN_SECONDS = 1.0
 # A scan made within this time of the directory's last change may have missed a second change
 # in the same clock tick: trusted only this long.
 RACY_SECONDS = 0.05
+DOCUMENT_SUFFIXES = (INFO_SUFFIX, SIDECAR_SUFFIX)
 
 
 @attrs.frozen
@@ -53,15 +56,14 @@ class ShareState:
     with_info: frozenset[str]  # volumes that have a `.info`
     with_sidecar: frozenset[str]  # volumes that have a sidecar
     stamp: tuple[int, int, int]  # the directory's (mtime_ns, ctime_ns, inode) before the scan
-    scanned_at: float  # time.monotonic() of the scan
-    racy: bool
+    scanned_at: float  # time.monotonic() at the end of the scan
+    valid_for: float  # seconds the scan is trusted while the directory's stamp stays the same
 
     def __contains__(self, name: str) -> bool:
         return name in self.volume_set
 
     def fresh(self, stamp: tuple[int, int, int], now: float) -> bool:
-        limit = RACY_SECONDS if self.racy else RESCAN_SECONDS
-        return stamp == self.stamp and now - self.scanned_at < limit
+        return stamp == self.stamp and now - self.scanned_at < self.valid_for
 
     def changed(self, *, add: tuple[str, ...] = (), remove: tuple[str, ...] = ()) -> "ShareState":
         """This state after a change made through the mount (the stamp stays: the next look at
@@ -77,10 +79,12 @@ class ShareIndex:
     def __init__(self, share_dir):
         self.dir = share_dir
         self.state: ShareState | None = None
+        self._entries: dict[str, os.DirEntry] = {}  # documents' entries, during a scan
+        self._infos: dict = {}  # volume -> its parsed `.info` (VolumeInfo)
         self.scans = 0
         # Parsed `.info` and sidecar journals, by file name: (contents, names); parsed again
         # only when the contents change (and a broken one is logged once, not at every scan).
-        self._documents: dict[str, tuple[bytes, frozenset[str] | None]] = {}
+        self._documents: dict[str, tuple[tuple, frozenset[str] | None]] = {}
 
     def _stamp(self) -> tuple[tuple[int, int, int], float]:
         st = os.fstat(self.dir.fd)
@@ -102,12 +106,16 @@ class ShareIndex:
         wall, started = time.time(), time.monotonic()
         regular: set[str] = set()
         names: set[str] = set()
+        self._entries: dict[str, os.DirEntry] = {}
         with os.scandir(self.dir.fd) as entries:
             for entry in entries:
-                names.add(entry.name)
+                name = entry.name
+                names.add(name)
+                if name.endswith(DOCUMENT_SUFFIXES):
+                    self._entries[name] = entry
                 try:
                     if entry.is_file(follow_symlinks=False):  # d_type; lstat only if unknown
-                        regular.add(entry.name)
+                        regular.add(name)
                 except OSError:
                     pass  # gone meanwhile
         with_info = {n[: -len(INFO_SUFFIX)] for n in names if n.endswith(INFO_SUFFIX)}
@@ -132,19 +140,26 @@ class ShareIndex:
             volumes.append(name)
         volumes.sort()
         volume_set = frozenset(volumes)
+        for stale in set(self._documents) - names:
+            del self._documents[stale]
+            self._infos.pop(stale[: -len(INFO_SUFFIX)], None)
+        self._entries = {}
+        ended = time.monotonic()
+        if abs(wall - mtime) < 2 * RACY_SECONDS:
+            valid_for = RACY_SECONDS
+        else:  # and never more than a tenth of the time goes to scanning
+            valid_for = max(RESCAN_SECONDS, 10 * (ended - started))
         state = ShareState(
             volumes=tuple(volumes),
             volume_set=volume_set,
             with_info=frozenset(with_info & volume_set),
             with_sidecar=frozenset(with_sidecar & volume_set),
             stamp=stamp,
-            scanned_at=started,
-            racy=abs(wall - mtime) < 2 * RACY_SECONDS,
+            scanned_at=ended,
+            valid_for=valid_for,
         )
         self.state = state
         self.scans += 1
-        for stale in set(self._documents) - {n for n in names}:
-            del self._documents[stale]
         return state
 
     def _claimed(self, name: str, with_info: set[str], with_sidecar: set[str], unreadable: set[str]) -> bool:
@@ -163,23 +178,27 @@ class ShareIndex:
         return False
 
     def _document(self, file_name: str, parse) -> frozenset[str] | None:
+        """The names a small document lists, read again only when its identity, size or times
+        changed (its lstat, from the scan's directory entry)."""
+        entry = self._entries.get(file_name)
         try:
-            data = self.dir.read_small(file_name)
-        except VfsnapError as exc:
-            log.warning("%s", exc)
-            return None
-        if data is None:
+            st = entry.stat(follow_symlinks=False) if entry is not None else self.dir.stat(file_name)
+        except FileNotFoundError:
+            st = None
+        if st is None:
             self._documents.pop(file_name, None)
             return frozenset()
+        identity = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         cached = self._documents.get(file_name)
-        if cached is not None and cached[0] == data:
+        if cached is not None and cached[0] == identity:
             return cached[1]
         try:
-            result = frozenset(parse(data, file_name))
+            data = self.dir.read_small(file_name)
+            result = frozenset(parse(data or b"{}", file_name)) if data is not None else frozenset()
         except VfsnapError as exc:
             log.warning("%s", exc)
             result = None
-        self._documents[file_name] = (data, result)
+        self._documents[file_name] = (identity, result)
         return result
 
     def _info_names(self, volume: str) -> frozenset[str] | None:
@@ -187,9 +206,18 @@ class ShareIndex:
 
         def names(data: bytes, file_name: str):
             info = parse_info(data, name=file_name)
+            self._infos[volume] = info
             return {info.active, *info.snapshots.values()}
 
         return self._document(volume + INFO_SUFFIX, names)
+
+    def info_of(self, volume: str):
+        """The `.info` of `volume` as the last scan read it (a `VolumeInfo`), or None when it
+        had none or could not parse it: for `stat` of a volume not in use, no read."""
+        state = self.current()
+        if volume not in state.with_info or self._documents.get(volume + INFO_SUFFIX, (None, None))[1] is None:
+            return None
+        return self._infos.get(volume)
 
     def _journal_names(self, volume: str) -> frozenset[str] | None:
         from vfsnap.share.info import parse_sidecar

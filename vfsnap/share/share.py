@@ -10,7 +10,6 @@ import contextlib
 import errno
 import logging
 import os
-import stat
 
 import attrs
 
@@ -19,18 +18,16 @@ from vfsnap.chain.view import MapBudget
 from vfsnap.format import TableCache
 from vfsnap.format.create import create_qcow2
 from vfsnap.names import (
-    INFO_SUFFIX,
     SIDECAR_SUFFIX,
     check_volume_name,
     info_file,
-    is_snapshot_name,
     is_volume_name,
     sidecar_file,
 )
 from vfsnap.options import MountOptions
 from vfsnap.share.files import ShareDir
 from vfsnap.share.index import ShareIndex
-from vfsnap.share.info import Sidecar, parse_info, parse_sidecar
+from vfsnap.share.info import Sidecar
 from vfsnap.share.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -96,14 +93,17 @@ class Share:
     def open_volumes(self) -> list[Volume]:
         return list(self._volumes.values())
 
+    def met_volumes(self) -> list[str]:
+        """Names with a sidecar: the volumes vfsnap has met (from one listdir, no index)."""
+        return sorted(n[: -len(SIDECAR_SUFFIX)] for n in self.dir.listdir() if n.endswith(SIDECAR_SUFFIX))
+
     def volumes_with_journal(self) -> list[Volume]:
-        """Volumes whose sidecar holds unfinished operations (found by reading the sidecars
-        the index found)."""
+        """Volumes whose sidecar holds unfinished operations (found by reading sidecars)."""
         found = []
-        for name in sorted(self.index.current().with_sidecar):
+        for name in self.met_volumes():
             try:
                 data = self.dir.read_small(sidecar_file(name))
-                if data is None or b'"journal"' not in data:
+                if data is None or b'"journal"' not in data or not self.is_volume(name):
                     continue
                 found.append(self.volume(name))
             except VfsnapError as exc:
@@ -120,10 +120,10 @@ class Share:
         """Finish or roll back what a crash interrupted (renames, snapshot creation; images
         left dirty), all at once (`vfsnap check`, tests). The mount runs `recovery()` in the
         background instead, after it answers."""
-        for _ in self.recovery():
+        for _ in self.recovery(every_volume=True):
             pass
 
-    def recovery(self):
+    def recovery(self, *, every_volume: bool = False):
         """The steps of `recover`, one volume per step (a generator), so that the mount can
         answer first and run them between requests. Volumes already in use here are left to
         their users: a journal is finished by the first chain change (`needs_recovery`), a dirty
@@ -156,13 +156,18 @@ class Share:
                         log.error("%s: recovery failed: %s", volume.name, exc)
                 yield
             self.recovery_pending = False
-            for name in self.volume_names():
+            # A mount writes only volumes it has met (recorded at their first open: they have a
+            # sidecar); what another program (QEMU) left dirty, it repairs itself. `recover`
+            # (check, the library) looks at every volume, which may have been written unrecorded.
+            for name in self.volume_names() if every_volume else self.met_volumes():
                 used = self._volumes.get(name)
                 if used is not None and (used.open_count or used.has_open_images):
                     continue
+                if not is_volume_name(name) or not self.dir.exists(name):
+                    continue
                 volume = used or Volume(self, name)
                 try:
-                    if volume.dirty_images():
+                    if volume.dirty_images() and self.is_volume(name):
                         with _held_by_us(volume) as ours:
                             if ours:  # a dirty image another host is writing is not a crash's leftover
                                 volume.repair_dirty_images()

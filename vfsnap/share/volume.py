@@ -127,7 +127,13 @@ class Volume:
             top = os.fstat(view.top.fd)
             return VolumeStat(base.st_mode, base.st_uid, base.st_gid, view.size, view.allocated_bytes(),
                               top.st_mtime_ns, top.st_ctime_ns, top.st_atime_ns)
-        info = self.info()
+        if self._info is not None:
+            info = self.info()
+        else:  # not read yet: what the index's scan read, if anything
+            index = self.share.index
+            info = index.info_of(self.name)
+            if info is None:
+                info = self.info() if self.name in index.current().with_info else VolumeInfo(active=self.name)
         stats = {name: self._stat_member(name) for name in {info.active, *info.snapshots.values()} - {self.name}}
         top = base if info.active == self.name else stats[info.active]
         if top is None:

@@ -1,0 +1,255 @@
+"""Large shares (issue 13): the volume index lists a share of thousands of volumes completely and
+correctly while volumes come and go, through the mount and behind its back; another host's new
+volume appears within the documented interval; mounting and listing open no volume and write
+nothing to the share; a 1000-deep chain is served with the default options; `vfsnap status`
+shows the mount's memory budget."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import requires_fuse
+from tests.qemu import create, flat_bytes, make_chain, qemu_img, qemu_io, write_info
+from tests.test_multihost import two_hosts  # noqa: F401 - the fixture
+from vfsnap.options import MountOptions
+from vfsnap.share.index import RESCAN_SECONDS
+
+pytestmark = requires_fuse
+MiB = 1 << 20
+CHURN = 400  # volumes each churning thread creates
+# What a listing of another host's change may wait for on top of the index's own interval: the
+# GlusterFS client's metadata cache (md-cache-timeout, 1 s by default), and a busy machine.
+SHARE_CACHES_SECONDS = 1.0
+SLACK_SECONDS = 2.0
+
+
+def vfsnap(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vfsnap", *args], capture_output=True, text=True)
+
+
+def sparse_volume(path: Path, size: int = MiB) -> None:
+    with open(path, "xb") as f:
+        f.truncate(size)
+
+
+def share_state(share: Path) -> dict[str, tuple[int, int]]:
+    """Every file of the share with its size and mtime: what "nothing written" compares."""
+    return {name: (st.st_size, st.st_mtime_ns) for name in os.listdir(share)
+            for st in [os.lstat(share / name)]}
+
+
+def test_listing_is_complete_while_volumes_change_through_the_mount_and_on_the_share(share, tmp_path,
+                                                                                      vfsnap_mount):
+    """3000 volumes stay listed, each once, and no overlay or `.info` ever shows as a volume, while
+    one thread creates, renames and deletes volumes through the mount, another does so directly on
+    the share (as another host would, and as another host's snapshots add overlays), and a third
+    takes snapshots of some stable volumes through a second mount; afterwards the listing is the
+    share's truth."""
+    stable = [f"stable-{i:05d}" for i in range(3000)]
+    for name in stable:
+        sparse_volume(share / name)
+    snapped = stable[:20]
+    mnt = vfsnap_mount()
+    other = vfsnap_mount(path=tmp_path / "other-host")
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    mounted: set[str] = set()  # volumes the churn threads leave behind
+    behind: set[str] = set()
+
+    def through_the_mount():
+        rng = random.Random(1)
+        i = 0
+        while not stop.is_set() and i < CHURN:
+            name = f"mnt-{i:05d}"
+            sparse_volume(mnt.volume(name))
+            mounted.add(name)
+            if rng.random() < 0.3:
+                os.rename(mnt.volume(name), mnt.volume(name + "-renamed"))
+                mounted.discard(name)
+                mounted.add(name + "-renamed")
+            elif rng.random() < 0.3:
+                os.unlink(mnt.volume(name))
+                mounted.discard(name)
+            i += 1
+
+    def on_the_share():
+        rng = random.Random(2)
+        i = 0
+        while not stop.is_set() and i < CHURN:
+            name = f"direct-{i:05d}"
+            sparse_volume(share / name)
+            behind.add(name)
+            if rng.random() < 0.3:
+                os.rename(share / name, share / (name + "-moved"))
+                behind.discard(name)
+                behind.add(name + "-moved")
+            elif rng.random() < 0.3:
+                os.unlink(share / name)
+                behind.discard(name)
+            i += 1
+            time.sleep(0.005)
+
+    def snapshots_on_the_other_host():
+        i = 0
+        while not stop.is_set() and i < CHURN // 10:
+            os.mkdir(other.snapshot_dir(snapped[i % len(snapped)], f"s{i}"))
+            i += 1
+            time.sleep(0.05)
+
+    def guarded(work):
+        def run():
+            try:
+                work()
+            except BaseException as exc:  # noqa: BLE001 - reported by the test
+                errors.append(exc)
+                stop.set()
+        return threading.Thread(target=run)
+
+    threads = [guarded(w) for w in (through_the_mount, on_the_share, snapshots_on_the_other_host)]
+    for thread in threads:
+        thread.start()
+    try:
+        listings = 0
+        while (listings < 3 or any(t.is_alive() for t in threads)) and not stop.is_set():
+            for tree in ("volumes", "snapshots"):
+                names = os.listdir(mnt.path / tree)
+                assert len(names) == len(set(names)), "a volume listed twice"
+                missing = set(stable) - set(names)
+                assert not missing, f"{tree}/ lost {len(missing)} volumes, e.g. {sorted(missing)[:3]}"
+                strays = [n for n in names if n.startswith("stable-") and "." in n]
+                assert not strays, f"overlays or documents listed as volumes: {strays[:3]}"
+            listings += 1
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    assert not errors, errors
+    assert listings >= 3
+    assert any(name.startswith("stable-") and name.endswith(".info") for name in os.listdir(share)), \
+        "the other host took no snapshot"
+    expected = set(stable) | mounted | behind
+    deadline = time.monotonic() + RESCAN_SECONDS + SLACK_SECONDS
+    while set(os.listdir((mnt.path / "volumes"))) != expected:
+        assert time.monotonic() < deadline, set(os.listdir((mnt.path / "volumes"))) ^ expected
+        time.sleep(0.05)
+    assert set(os.listdir(mnt.path / "snapshots")) == expected
+    for name in snapped[:3]:
+        assert len([n for n in os.listdir(mnt.snapshot_dir(name)) if n != "latest"]) >= 1
+
+
+def test_a_volume_another_host_creates_appears_within_the_interval(two_hosts):  # noqa: F811
+    """Host B creates volumes (through its mount, and as a plain file on the share): host A,
+    which has listed the share just before, lists them within RESCAN_SECONDS (plus the share
+    client's own metadata cache), without any action of its own but listing."""
+    prepare, start = two_hosts
+    sparse_volume(prepare / "existing")
+    host_a, host_b = start()
+    for round_, make in enumerate((lambda n: sparse_volume(host_b.volume(n)),
+                                   lambda n: sparse_volume(prepare / n))):
+        for i in range(3):
+            assert "existing" in os.listdir((host_a.path / "volumes"))  # host A has a fresh scan
+            name = f"new-{round_}-{i}"
+            make(name)
+            made = time.monotonic()
+            deadline = made + RESCAN_SECONDS + SHARE_CACHES_SECONDS + SLACK_SECONDS
+            while name not in os.listdir((host_a.path / "volumes")):
+                assert time.monotonic() < deadline, f"{name} not listed by the other host in time"
+                time.sleep(0.02)
+            assert os.stat(host_a.volume(name)).st_size == MiB
+
+
+def test_mounting_and_listing_open_nothing_and_write_nothing(share, tmp_path, vfsnap_mount):
+    """`ls`, `ls -l` (stat and the ACL question: listxattr), `stat`, `ls snapshots/` and
+    `vfsnap status` write no sidecar (nor anything else) on the share; the sizes they show are
+    those of the opened volumes; the first open writes the record (DESIGN.md invariant 4)."""
+    sparse_volume(share / "raw", 3 * MiB + 512)
+    create(share / "qcow", 5 * MiB)  # a qcow2 base vfsnap never met
+    make_chain(share, "chain", size=2 * MiB, depth=3)  # raw base, 3 overlays, `.info`
+    qemu_io(share / "chain.s3", f"write -P 7 {MiB} 64k")
+    before = share_state(share)
+    mnt = vfsnap_mount()
+    result = vfsnap("sync", str(mnt.path), "--timeout", "60")  # the mount's recovery is done
+    assert result.returncode == 0, result.stderr
+    listed = sorted(os.listdir((mnt.path / "volumes")))
+    assert listed == ["chain", "qcow", "raw"]
+    subprocess.run(["ls", "-l", str((mnt.path / "volumes"))], check=True, capture_output=True)
+    stats = {name: os.stat(mnt.volume(name)) for name in listed}
+    for name in listed:
+        os.listxattr(mnt.volume(name))
+    assert sorted(os.listdir(mnt.path / "snapshots")) == listed
+    status = json.loads(vfsnap("status", "--json", str(mnt.path)).stdout)
+    assert {v["name"]: v["depth"] for v in status["volumes"]} == {"chain": 3, "qcow": 0, "raw": 0}
+    assert share_state(share) == before, "mounting or listing changed the share"
+    assert not [n for n in os.listdir(share) if n.endswith(".vfsnap.json")]
+
+    assert stats["raw"].st_size == 3 * MiB + 512
+    assert stats["qcow"].st_size == 5 * MiB
+    assert stats["chain"].st_size == 2 * MiB
+    for name in listed:
+        with open(mnt.volume(name), "rb") as f:  # opened: now the record is made
+            f.read(4096)
+        opened = os.stat(mnt.volume(name))
+        assert (opened.st_size, opened.st_blocks) == (stats[name].st_size, stats[name].st_blocks), name
+        assert (share / f"{name}.vfsnap.json").exists(), f"{name}: no record after the first open"
+    assert json.loads((share / "qcow.vfsnap.json").read_text())["format"] == "qcow2"
+    assert json.loads((share / "raw.vfsnap.json").read_text())["format"] == "raw"
+
+
+def deep_chain(share: Path, depth: int, size: int) -> list[str]:
+    """`vol` (raw) under `depth` overlays, each holding one distinct cluster (qemu-img made one
+    overlay per kind; the rest are copies with the same-length backing name patched)."""
+    names = ["vol"] + [f"vol.d{level:04d}" for level in range(1, depth + 1)]
+    create(share / "vol", size, fmt="raw")
+    qemu_io(share / "vol", f"write -P 1 0 {size}", fmt="raw")
+    create(share / names[1], size, backing="vol", backing_fmt="raw")
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "vol.d0000", "-F", "qcow2", str(share / "template"), str(size))
+    template = (share / "template").read_bytes()
+    (share / "template").unlink()
+    for level in range(2, depth + 1):
+        (share / names[level]).write_bytes(template.replace(b"vol.d0000", names[level - 1].encode(), 1))
+    clusters = size // 65536
+    for level in range(1, depth + 1, max(1, depth // 64)):  # 64 levels hold data, spread out
+        alone = json.dumps({"driver": "qcow2", "file": {"driver": "file", "filename": str(share / names[level])},
+                            "backing": None})  # written without opening the chain below
+        subprocess.run(["qemu-io", "-c", f"write -P {level % 250 + 2} {(level % clusters) * 65536} 65536",
+                        f"json:{alone}"], check=True, capture_output=True)
+    write_info(share, "vol", names[-1], {f"d{level:04d}": names[level] for level in range(1, depth + 1)})
+    return names
+
+
+def test_a_1000_deep_chain_is_served_with_the_default_options(share, tmp_path, vfsnap_mount):
+    depth = 1000
+    assert MountOptions().max_chain_depth >= depth
+    names = deep_chain(share, depth, 4 * MiB)
+    expected = flat_bytes(share / names[-1], tmp_path)
+    mnt = vfsnap_mount()
+    assert mnt.volume("vol").read_bytes() == expected
+    status = json.loads(vfsnap("status", "--json", str(mnt.path)).stdout)
+    assert [v["depth"] for v in status["volumes"]] == [depth]
+    older = f"d{depth // 2:04d}"
+    assert mnt.snapshot("vol", older).read_bytes() == flat_bytes(share / names[depth // 2 - 1], tmp_path)
+
+
+def test_status_shows_the_memory_budget_in_use(share, vfsnap_mount):
+    def writes(level, path, fmt):
+        qemu_io(path, f"write -P {level + 1} {level * MiB} {2 * MiB}", fmt=fmt)
+
+    for i in range(4):
+        make_chain(share, f"v{i}", size=8 * MiB, depth=2, base_fmt="qcow2", writes=writes)
+    mnt = vfsnap_mount("memory_budget=1M")
+    for i in range(4):
+        mnt.volume(f"v{i}").read_bytes()
+    memory = json.loads(vfsnap("status", "--json", str(mnt.path)).stdout)["memory"]
+    assert memory["budget"] == MiB
+    used = memory["tables"] + memory["pinned"] + memory["dirty"] + memory["maps"]
+    assert 0 < used <= memory["budget"], memory
+    assert memory["tables"] > 0 and memory["maps"] > 0, memory
