@@ -304,14 +304,18 @@ async def _copy_some(volume, entry: dict, state: CopyState, hold_bytes: int) -> 
     target = View(chain[: base_index + 1], name=f"{volume.name}:clone-target")
     size = base.size
     if state.total == 0 or state.cursor == 0:
-        state.total = sum(e - s for s, e, fd, _ in source.extents(0, size) if fd != ZERO_FD)
+        state.total = sum(de - ds for s, e, fd, host in source.extents(0, size) if fd != ZERO_FD
+                          for ds, de in _data_runs(s, e, fd, host))
         state.done = 0
-    held = 0
-    while state.cursor < size and held < hold_bytes:
+    copied = scanned = 0
+    # A hold ends after `hold_bytes` copied (or 16 times that gone through: holes are cheap).
+    while state.cursor < size and copied < hold_bytes and scanned < 16 * hold_bytes:
         end = min(size, state.cursor + STEP_BYTES)
-        state.done += _copy_range(base, source, target, state.cursor, end)
+        step = _copy_range(base, source, target, state.cursor, end)
+        state.done += step
+        copied += step
+        scanned += end - state.cursor
         state.cursor = end
-        held += STEP_BYTES
         _forget_resolved(volume, base)  # views resolved these clusters to the source's files
         await trio.sleep(0)
     if state.cursor < size:
@@ -326,14 +330,37 @@ def _copy_range(base, source: View, target: View, start: int, end: int) -> int:
     """Copy what the source shows in [start, end) where the base holds nothing; no yield, so
     no write of the clone can land in between (its own writes win). Returns bytes copied."""
     copied = 0
-    for s, e, fd, _ in source.extents(start, end):
+    for s, e, fd, host in source.extents(start, end):
         if fd == ZERO_FD:
             continue  # zeros: an unallocated base cluster reads zeros once the backing is gone
-        for ms, me, kind, _where in base.map_range(s, e):
-            if kind == UNALLOCATED:
-                target.write(ms, source.read(ms, me - ms))
-                copied += me - ms
+        for ds, de in _data_runs(s, e, fd, host):
+            for ms, me, kind, _where in base.map_range(ds, de):
+                if kind == UNALLOCATED:
+                    target.write(ms, source.read(ms, me - ms))
+                    copied += me - ms
     return copied
+
+
+def _data_runs(start: int, end: int, fd: int, host) -> list[tuple[int, int]]:
+    """The parts of guest [start, end) that are not holes of the file holding them (a sparse
+    raw source: its holes read zeros, as an unallocated base cluster will)."""
+    if fd < 0:
+        return [(start, end)]  # compressed (or a bad extent: the read reports it)
+    runs, pos = [], host
+    stop = host + (end - start)
+    try:
+        while pos < stop:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+            if data >= stop:
+                break
+            hole = min(stop, os.lseek(fd, data, os.SEEK_HOLE))
+            runs.append((start + data - host, start + hole - host))
+            pos = hole
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # no data past pos
+            return runs
+        return [(start, end)]  # no SEEK_DATA on this share: copy it all
+    return runs
 
 
 def _forget_resolved(volume, base) -> None:
