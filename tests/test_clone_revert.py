@@ -363,3 +363,32 @@ def test_revert_is_refused_while_the_volume_is_open_for_writing(share, vfsnap_mo
         ok("revert", str(mnt.snapshot_dir("vol", "s1")))
     assert read(mnt.volume("vol")) == bytes(SIZE)
     assert_images_clean(share)
+
+
+def test_check_repair_finishes_an_unfinished_clone_of_the_live_volume(share, vfsnap_mount, tmp_path):
+    make_chain(share, "vol", size=SIZE, depth=0)
+    mnt = vfsnap_mount("clone_copy_rate=64k")
+    live = bytearray(SIZE)
+    write(mnt.volume("vol"), live, MiB, pattern(60, 3 * MiB))
+    ok("clone", str(mnt.volume("vol")), "c1")
+    clone = bytearray(live)
+    write(mnt.volume("vol"), live, 2 * MiB, pattern(61, 4096))
+    write(mnt.volume("c1"), clone, 0, pattern(62, 4096))
+    mnt.stop()
+    hidden = [k for k in json.loads((share / "vol.info").read_text()) if k.startswith("clone-")]
+    assert len(hidden) == 1  # the point in time, on the share until the copy is done
+    report = vfsnap("check", str(share))
+    assert report.returncode == 0 and "unfinished clone of vol@" in report.stdout, report.stdout
+    assert "kept until its copy is done" in report.stdout
+    report = vfsnap("check", "--repair", str(share))
+    assert report.returncode == 0, report.stdout
+    assert "repaired: c1: finished copying" in report.stdout
+    assert json.loads((share / "vol.info").read_text()) == {"active": "vol"}
+    assert info(share / "c1").get("backing-filename") is None
+    assert sorted(os.listdir(share)) == ["c1", "c1.vfsnap.json", "vol", "vol.info", "vol.vfsnap.json"]
+    report = vfsnap("check", str(share))
+    assert report.returncode == 0 and "note:" not in report.stdout, report.stdout
+    mnt = vfsnap_mount()
+    assert_view(share, mnt, "vol", live, tmp_path)
+    assert_view(share, mnt, "c1", clone, tmp_path)
+    assert_images_clean(share)

@@ -267,7 +267,9 @@ async def run_copy(volume, *, retry_seconds: float = 5.0, on_done=None) -> None:
                     if entry is None:
                         return
                     before = state.cursor
-                    finished = await _copy_some(volume, entry, state, STEP_BYTES if rate else HOLD_BYTES)
+                    # Paced: one step per hold, and the pause outside it.
+                    finished = await _copy_some(volume, entry, state, STEP_BYTES if rate else HOLD_BYTES,
+                                                STEP_BYTES if rate else 16 * HOLD_BYTES)
                 if finished:
                     if on_done is not None:
                         on_done(entry)
@@ -287,9 +289,9 @@ async def run_copy(volume, *, retry_seconds: float = 5.0, on_done=None) -> None:
         state.running = False
 
 
-async def _copy_some(volume, entry: dict, state: CopyState, hold_bytes: int) -> bool:
-    """Go through up to `hold_bytes` of the disk (the caller holds the chain lock); True when
-    the copy is done."""
+async def _copy_some(volume, entry: dict, state: CopyState, hold_bytes: int, scan_bytes: int) -> bool:
+    """Copy up to `hold_bytes`, going through at most `scan_bytes` of the disk (holes are
+    cheap); the caller holds the chain lock. True when the copy is done."""
     chain = volume.live_chain()
     names = [image.name for image in chain]
     base_index = names.index(volume.name)
@@ -308,8 +310,7 @@ async def _copy_some(volume, entry: dict, state: CopyState, hold_bytes: int) -> 
                           for ds, de in _data_runs(s, e, fd, host))
         state.done = 0
     copied = scanned = 0
-    # A hold ends after `hold_bytes` copied (or 16 times that gone through: holes are cheap).
-    while state.cursor < size and copied < hold_bytes and scanned < 16 * hold_bytes:
+    while state.cursor < size and copied < hold_bytes and scanned < scan_bytes:
         end = min(size, state.cursor + STEP_BYTES)
         step = _copy_range(base, source, target, state.cursor, end)
         state.done += step
