@@ -32,6 +32,7 @@ by `recover_share`); the hidden snapshot, then held by no clone, is merged away.
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import logging
 import os
@@ -54,8 +55,10 @@ log = logging.getLogger(__name__)
 OP = "clone"
 # Copied between two yields to the event loop (FUSE requests run in between).
 STEP_BYTES = 4 << 20
-# Copied per hold of the clone's chain lock: a mkdir of the clone waits at most this long.
+# Copied per hold of the clone's chain lock (see MAX_HOLD_SECONDS).
 HOLD_BYTES = 64 << 20
+# ... and for longer while nothing else of this mount waits for it, up to this long.
+MAX_HOLD_SECONDS = 2.0
 
 
 # -- the record -------------------------------------------------------------------------------
@@ -310,8 +313,20 @@ async def _copy_some(volume, entry: dict, state: CopyState, hold_bytes: int, sca
                           for ds, de in _data_runs(s, e, fd, host))
         state.done = 0
     copied = scanned = 0
-    while state.cursor < size and copied < hold_bytes and scanned < scan_bytes:
+    started = trio.current_time()
+
+    def go_on() -> bool:
+        if copied < hold_bytes and scanned < scan_bytes:
+            return True
+        # Past the hold's size, go on while nothing here waits for the chain (each new hold
+        # reloads the chain and syncs), but not for long: other hosts may wait for it too.
+        paced = hold_bytes == STEP_BYTES
+        return (not paced and not volume.chain_lock.statistics().tasks_waiting
+                and trio.current_time() - started < MAX_HOLD_SECONDS)
+
+    while state.cursor < size and go_on():
         end = min(size, state.cursor + STEP_BYTES)
+        _read_ahead(source, end, min(size, end + STEP_BYTES))
         step = _copy_range(base, source, target, state.cursor, end)
         state.done += step
         copied += step
@@ -340,6 +355,29 @@ def _copy_range(base, source: View, target: View, start: int, end: int) -> int:
                     target.write(ms, source.read(ms, me - ms))
                     copied += me - ms
     return copied
+
+
+_READ_AHEAD = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vfsnap-clone-readahead")
+_read_ahead_pending: list[concurrent.futures.Future] = []
+
+
+def _read_ahead(source: View, start: int, end: int) -> None:
+    """Have a worker thread ask the kernel for the next step's source data while this step
+    copies (posix_fadvise WILLNEED itself waits for much of the read on ext4). Only advice:
+    one request outstanding at a time."""
+    ranges = [(fd, host, e - s) for s, e, fd, host in source.extents(start, end) if fd >= 0]
+    while _read_ahead_pending and _read_ahead_pending[0].done():
+        _read_ahead_pending.pop(0)
+    if ranges and not _read_ahead_pending:
+        _read_ahead_pending.append(_READ_AHEAD.submit(_advise, ranges))
+
+
+def _advise(ranges: list[tuple[int, int, int]]) -> None:
+    for fd, offset, length in ranges:
+        try:
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            return
 
 
 def _data_runs(start: int, end: int, fd: int, host) -> list[tuple[int, int]]:
