@@ -285,6 +285,9 @@ async def run_copy(volume, *, retry_seconds: float = 5.0, on_done=None) -> None:
             # the lock.
             await trio.sleep((state.cursor - before) / rate if rate else 0)
     except (VfsnapError, OSError) as exc:
+        if not volume.share.dir.exists(volume.name):
+            log.info("%s: removed while its data was being copied", volume.name)
+            return
         message = str(exc) if isinstance(exc, VfsnapError) else os.strerror(exc.errno or errno.EIO)
         log.error("%s: copying the clone's data failed: %s", volume.name, message)
         state.error = message
