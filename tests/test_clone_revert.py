@@ -392,3 +392,26 @@ def test_check_repair_finishes_an_unfinished_clone_of_the_live_volume(share, vfs
     assert_view(share, mnt, "vol", live, tmp_path)
     assert_view(share, mnt, "c1", clone, tmp_path)
     assert_images_clean(share)
+
+
+def test_removing_a_clone_mid_copy_releases_its_source(share, vfsnap_mount, tmp_path):
+    make_chain(share, "vol", size=SIZE, depth=0)
+    mnt = vfsnap_mount("clone_copy_rate=256k")
+    live = bytearray(SIZE)
+    write(mnt.volume("vol"), live, 0, pattern(70, SIZE))
+    os.mkdir(mnt.snapshot_dir("vol", "s1"))
+    ok("clone", str(mnt.snapshot_dir("vol", "s1")), "c1")
+    ok("clone", str(mnt.volume("vol")), "c2")
+    assert {op["kind"] for op in operations(mnt)} == {"clone", "clone-point"}
+    with pytest.raises(OSError) as exc:
+        os.rmdir(mnt.snapshot_dir("vol", "s1"))
+    assert exc.value.errno == errno.EBUSY
+    os.unlink(mnt.volume("c1"))
+    os.unlink(mnt.volume("c2"))
+    ok("sync", str(mnt.path))  # the hidden point in time of c2 is merged away
+    assert operations(mnt) == []
+    os.rmdir(mnt.snapshot_dir("vol", "s1"))
+    ok("sync", str(mnt.path))
+    assert sorted(os.listdir(share)) == ["vol", "vol.info", "vol.vfsnap.json"]
+    assert_view(share, mnt, "vol", live, tmp_path)
+    assert_images_clean(share)
