@@ -415,3 +415,29 @@ def test_removing_a_clone_mid_copy_releases_its_source(share, vfsnap_mount, tmp_
     assert sorted(os.listdir(share)) == ["vol", "vol.info", "vol.vfsnap.json"]
     assert_view(share, mnt, "vol", live, tmp_path)
     assert_images_clean(share)
+
+
+@pytest.mark.allow_daemon_errors
+def test_revert_is_refused_while_another_host_writes_the_volume(share, vfsnap_mount, tmp_path):
+    """Two mounts of one share (two hosts): the share's writer lock refuses the revert."""
+    make_chain(share, "vol", size=SIZE, depth=0)
+    host_a = vfsnap_mount(path=tmp_path / "host-a")
+    host_b = vfsnap_mount(path=tmp_path / "host-b")
+    os.mkdir(host_a.snapshot_dir("vol", "s1"))
+    deadline = time.monotonic() + 10
+    while not os.path.exists(host_b.snapshot_dir("vol", "s1")):  # B rereads `.info` soon
+        assert time.monotonic() < deadline, "host B never saw the snapshot"
+        time.sleep(0.1)
+    live = bytearray(SIZE)
+    with open(host_a.volume("vol"), "r+b") as writer:
+        writer.write(pattern(80, 4096))
+        writer.flush()
+        os.fsync(writer.fileno())
+        live[:4096] = pattern(80, 4096)
+        line = refused("revert", str(host_b.snapshot_dir("vol", "s1")))
+        assert "open for writing" in line
+        assert read(host_b.snapshot("vol", "s1")) == bytes(SIZE)
+    ok("revert", str(host_b.snapshot_dir("vol", "s1")))
+    assert read(host_b.volume("vol")) == bytes(SIZE)
+    time.sleep(1.1)  # host A's cached `.info` and attributes expire (INFO_RECHECK_SECONDS, ATTR_TIMEOUT)
+    assert read(host_a.volume("vol")) == bytes(SIZE)
