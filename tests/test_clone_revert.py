@@ -363,3 +363,81 @@ def test_revert_is_refused_while_the_volume_is_open_for_writing(share, vfsnap_mo
         ok("revert", str(mnt.snapshot_dir("vol", "s1")))
     assert read(mnt.volume("vol")) == bytes(SIZE)
     assert_images_clean(share)
+
+
+def test_check_repair_finishes_an_unfinished_clone_of_the_live_volume(share, vfsnap_mount, tmp_path):
+    make_chain(share, "vol", size=SIZE, depth=0)
+    mnt = vfsnap_mount("clone_copy_rate=64k")
+    live = bytearray(SIZE)
+    write(mnt.volume("vol"), live, MiB, pattern(60, 3 * MiB))
+    ok("clone", str(mnt.volume("vol")), "c1")
+    clone = bytearray(live)
+    write(mnt.volume("vol"), live, 2 * MiB, pattern(61, 4096))
+    write(mnt.volume("c1"), clone, 0, pattern(62, 4096))
+    mnt.stop()
+    hidden = [k for k in json.loads((share / "vol.info").read_text()) if k.startswith("clone-")]
+    assert len(hidden) == 1  # the point in time, on the share until the copy is done
+    report = vfsnap("check", str(share))
+    assert report.returncode == 0 and "unfinished clone of vol@" in report.stdout, report.stdout
+    assert "kept until its copy is done" in report.stdout
+    report = vfsnap("check", "--repair", str(share))
+    assert report.returncode == 0, report.stdout
+    assert "repaired: c1: finished copying" in report.stdout
+    assert json.loads((share / "vol.info").read_text()) == {"active": "vol"}
+    assert info(share / "c1").get("backing-filename") is None
+    assert sorted(os.listdir(share)) == ["c1", "c1.vfsnap.json", "vol", "vol.info", "vol.vfsnap.json"]
+    report = vfsnap("check", str(share))
+    assert report.returncode == 0 and "note:" not in report.stdout, report.stdout
+    mnt = vfsnap_mount()
+    assert_view(share, mnt, "vol", live, tmp_path)
+    assert_view(share, mnt, "c1", clone, tmp_path)
+    assert_images_clean(share)
+
+
+def test_removing_a_clone_mid_copy_releases_its_source(share, vfsnap_mount, tmp_path):
+    make_chain(share, "vol", size=SIZE, depth=0)
+    mnt = vfsnap_mount("clone_copy_rate=256k")
+    live = bytearray(SIZE)
+    write(mnt.volume("vol"), live, 0, pattern(70, SIZE))
+    os.mkdir(mnt.snapshot_dir("vol", "s1"))
+    ok("clone", str(mnt.snapshot_dir("vol", "s1")), "c1")
+    ok("clone", str(mnt.volume("vol")), "c2")
+    assert {op["kind"] for op in operations(mnt)} == {"clone", "clone-point"}
+    with pytest.raises(OSError) as exc:
+        os.rmdir(mnt.snapshot_dir("vol", "s1"))
+    assert exc.value.errno == errno.EBUSY
+    os.unlink(mnt.volume("c1"))
+    os.unlink(mnt.volume("c2"))
+    ok("sync", str(mnt.path))  # the hidden point in time of c2 is merged away
+    assert operations(mnt) == []
+    os.rmdir(mnt.snapshot_dir("vol", "s1"))
+    ok("sync", str(mnt.path))
+    assert sorted(os.listdir(share)) == ["vol", "vol.info", "vol.vfsnap.json"]
+    assert_view(share, mnt, "vol", live, tmp_path)
+    assert_images_clean(share)
+
+
+@pytest.mark.allow_daemon_errors
+def test_revert_is_refused_while_another_host_writes_the_volume(share, vfsnap_mount, tmp_path):
+    """Two mounts of one share (two hosts): the share's writer lock refuses the revert."""
+    make_chain(share, "vol", size=SIZE, depth=0)
+    host_a = vfsnap_mount(path=tmp_path / "host-a")
+    host_b = vfsnap_mount(path=tmp_path / "host-b")
+    os.mkdir(host_a.snapshot_dir("vol", "s1"))
+    deadline = time.monotonic() + 10
+    while not os.path.exists(host_b.snapshot_dir("vol", "s1")):  # B rereads `.info` soon
+        assert time.monotonic() < deadline, "host B never saw the snapshot"
+        time.sleep(0.1)
+    live = bytearray(SIZE)
+    with open(host_a.volume("vol"), "r+b") as writer:
+        writer.write(pattern(80, 4096))
+        writer.flush()
+        os.fsync(writer.fileno())
+        live[:4096] = pattern(80, 4096)
+        line = refused("revert", str(host_b.snapshot_dir("vol", "s1")))
+        assert "open for writing" in line
+        assert read(host_b.snapshot("vol", "s1")) == bytes(SIZE)
+    ok("revert", str(host_b.snapshot_dir("vol", "s1")))
+    assert read(host_b.volume("vol")) == bytes(SIZE)
+    time.sleep(1.1)  # host A's cached `.info` and attributes expire (INFO_RECHECK_SECONDS, ATTR_TIMEOUT)
+    assert read(host_a.volume("vol")) == bytes(SIZE)

@@ -32,6 +32,7 @@ by `recover_share`); the hidden snapshot, then held by no clone, is merged away.
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import logging
 import os
@@ -54,8 +55,10 @@ log = logging.getLogger(__name__)
 OP = "clone"
 # Copied between two yields to the event loop (FUSE requests run in between).
 STEP_BYTES = 4 << 20
-# Copied per hold of the clone's chain lock: a mkdir of the clone waits at most this long.
+# Copied per hold of the clone's chain lock (see MAX_HOLD_SECONDS).
 HOLD_BYTES = 64 << 20
+# ... and for longer while nothing else of this mount waits for it, up to this long.
+MAX_HOLD_SECONDS = 2.0
 
 
 # -- the record -------------------------------------------------------------------------------
@@ -267,7 +270,9 @@ async def run_copy(volume, *, retry_seconds: float = 5.0, on_done=None) -> None:
                     if entry is None:
                         return
                     before = state.cursor
-                    finished = await _copy_some(volume, entry, state, STEP_BYTES if rate else HOLD_BYTES)
+                    # Paced: one step per hold, and the pause outside it.
+                    finished = await _copy_some(volume, entry, state, STEP_BYTES if rate else HOLD_BYTES,
+                                                STEP_BYTES if rate else 16 * HOLD_BYTES)
                 if finished:
                     if on_done is not None:
                         on_done(entry)
@@ -280,6 +285,9 @@ async def run_copy(volume, *, retry_seconds: float = 5.0, on_done=None) -> None:
             # the lock.
             await trio.sleep((state.cursor - before) / rate if rate else 0)
     except (VfsnapError, OSError) as exc:
+        if not volume.share.dir.exists(volume.name):
+            log.info("%s: removed while its data was being copied", volume.name)
+            return
         message = str(exc) if isinstance(exc, VfsnapError) else os.strerror(exc.errno or errno.EIO)
         log.error("%s: copying the clone's data failed: %s", volume.name, message)
         state.error = message
@@ -287,9 +295,9 @@ async def run_copy(volume, *, retry_seconds: float = 5.0, on_done=None) -> None:
         state.running = False
 
 
-async def _copy_some(volume, entry: dict, state: CopyState, hold_bytes: int) -> bool:
-    """Go through up to `hold_bytes` of the disk (the caller holds the chain lock); True when
-    the copy is done."""
+async def _copy_some(volume, entry: dict, state: CopyState, hold_bytes: int, scan_bytes: int) -> bool:
+    """Copy up to `hold_bytes`, going through at most `scan_bytes` of the disk (holes are
+    cheap); the caller holds the chain lock. True when the copy is done."""
     chain = volume.live_chain()
     names = [image.name for image in chain]
     base_index = names.index(volume.name)
@@ -304,14 +312,29 @@ async def _copy_some(volume, entry: dict, state: CopyState, hold_bytes: int) -> 
     target = View(chain[: base_index + 1], name=f"{volume.name}:clone-target")
     size = base.size
     if state.total == 0 or state.cursor == 0:
-        state.total = sum(e - s for s, e, fd, _ in source.extents(0, size) if fd != ZERO_FD)
+        state.total = sum(de - ds for s, e, fd, host in source.extents(0, size) if fd != ZERO_FD
+                          for ds, de in _data_runs(s, e, fd, host))
         state.done = 0
-    held = 0
-    while state.cursor < size and held < hold_bytes:
+    copied = scanned = 0
+    started = trio.current_time()
+
+    def go_on() -> bool:
+        if copied < hold_bytes and scanned < scan_bytes:
+            return True
+        # Past the hold's size, go on while nothing here waits for the chain (each new hold
+        # reloads the chain and syncs), but not for long: other hosts may wait for it too.
+        paced = hold_bytes == STEP_BYTES
+        return (not paced and not volume.chain_lock.statistics().tasks_waiting
+                and trio.current_time() - started < MAX_HOLD_SECONDS)
+
+    while state.cursor < size and go_on():
         end = min(size, state.cursor + STEP_BYTES)
-        state.done += _copy_range(base, source, target, state.cursor, end)
+        _read_ahead(source, end, min(size, end + STEP_BYTES))
+        step = _copy_range(base, source, target, state.cursor, end)
+        state.done += step
+        copied += step
+        scanned += end - state.cursor
         state.cursor = end
-        held += STEP_BYTES
         _forget_resolved(volume, base)  # views resolved these clusters to the source's files
         await trio.sleep(0)
     if state.cursor < size:
@@ -326,14 +349,60 @@ def _copy_range(base, source: View, target: View, start: int, end: int) -> int:
     """Copy what the source shows in [start, end) where the base holds nothing; no yield, so
     no write of the clone can land in between (its own writes win). Returns bytes copied."""
     copied = 0
-    for s, e, fd, _ in source.extents(start, end):
+    for s, e, fd, host in source.extents(start, end):
         if fd == ZERO_FD:
             continue  # zeros: an unallocated base cluster reads zeros once the backing is gone
-        for ms, me, kind, _where in base.map_range(s, e):
-            if kind == UNALLOCATED:
-                target.write(ms, source.read(ms, me - ms))
-                copied += me - ms
+        for ds, de in _data_runs(s, e, fd, host):
+            for ms, me, kind, _where in base.map_range(ds, de):
+                if kind == UNALLOCATED:
+                    target.write(ms, source.read(ms, me - ms))
+                    copied += me - ms
     return copied
+
+
+_READ_AHEAD = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vfsnap-clone-readahead")
+_read_ahead_pending: list[concurrent.futures.Future] = []
+
+
+def _read_ahead(source: View, start: int, end: int) -> None:
+    """Have a worker thread ask the kernel for the next step's source data while this step
+    copies (posix_fadvise WILLNEED itself waits for much of the read on ext4). Only advice:
+    one request outstanding at a time."""
+    ranges = [(fd, host, e - s) for s, e, fd, host in source.extents(start, end) if fd >= 0]
+    while _read_ahead_pending and _read_ahead_pending[0].done():
+        _read_ahead_pending.pop(0)
+    if ranges and not _read_ahead_pending:
+        _read_ahead_pending.append(_READ_AHEAD.submit(_advise, ranges))
+
+
+def _advise(ranges: list[tuple[int, int, int]]) -> None:
+    for fd, offset, length in ranges:
+        try:
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            return
+
+
+def _data_runs(start: int, end: int, fd: int, host) -> list[tuple[int, int]]:
+    """The parts of guest [start, end) that are not holes of the file holding them (a sparse
+    raw source: its holes read zeros, as an unallocated base cluster will)."""
+    if fd < 0:
+        return [(start, end)]  # compressed (or a bad extent: the read reports it)
+    runs, pos = [], host
+    stop = host + (end - start)
+    try:
+        while pos < stop:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+            if data >= stop:
+                break
+            hole = min(stop, os.lseek(fd, data, os.SEEK_HOLE))
+            runs.append((start + data - host, start + hole - host))
+            pos = hole
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # no data past pos
+            return runs
+        return [(start, end)]  # no SEEK_DATA on this share: copy it all
+    return runs
 
 
 def _forget_resolved(volume, base) -> None:

@@ -163,13 +163,12 @@ async def run_pending(volume, *, retry_seconds: float = 5.0) -> None:
 
 
 def _pending(volume) -> list[dict]:
-    from vfsnap.share.clone import holds
-
     return [e for e in volume.sidecar().journal
-            if e["op"] == "delete" and e["snapshot"] not in volume.failed and not holds(volume.share, e)]
+            if e["op"] == "delete" and e["snapshot"] not in volume.failed and not _held(volume, e)]
 
 
 def _held(volume, entry: dict) -> bool:
+    """A clone's hidden point in time, kept while that clone still reads from it."""
     from vfsnap.share.clone import holds
 
     return holds(volume.share, entry)

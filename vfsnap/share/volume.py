@@ -582,9 +582,12 @@ class Volume:
         top = self._live_view.top
         if top.writable:
             top.close_writes()  # ours first: nothing unwritten, and no dirty mark left behind
-        if self.share.network:
+        on_share = self.share.dir.stat(top.name)
+        replaced = on_share is not None and on_share.st_ino != os.fstat(top.fd).st_ino
+        if self.share.network or replaced:
             # A new descriptor, not just a re-read: network filesystems (NFS, GlusterFS)
-            # revalidate their caches on open (close-to-open), not on reads of an open file.
+            # revalidate their caches on open (close-to-open), not on reads of an open file;
+            # and a revert on another host renames a new file over the active one.
             top.replace_fd(self.share.dir.open_regular(top.name, os.O_RDWR if top.writable else os.O_RDONLY))
         top.reload()
         self._live_view.invalidate()  # its chunks named the old descriptor, and old tables
