@@ -617,6 +617,8 @@ class VfsnapOperations(pyfuse3.Operations):
             except Exception:  # noqa: BLE001 - a broken share file must not take the mount down
                 log.exception("looking for interrupted operations")
                 pending = []
+            # Tests wait for this line (the first scan of the share done), and so can an operator.
+            log.info("background tasks running; %d volume(s) with interrupted operations", len(pending))
             for volume in pending:
                 self.start_merges(volume)
             interval = self.pool.options.metadata_flush_interval
