@@ -89,9 +89,6 @@ def fuse_options(spec: str, options: MountOptions) -> set[str]:
 
 
 def mount(spec: str, mountpoint: str, option_text: str, *, foreground: bool) -> int:
-    from vfsnap import faults
-
-    faults.install_from_environment()  # tests only: does nothing without VFSNAP_FAULTS
     try:
         options = parse_options(option_text, foreground=foreground)
     except VfsnapError as exc:
@@ -122,7 +119,6 @@ def mount(spec: str, mountpoint: str, option_text: str, *, foreground: bool) -> 
         still_mounted = stopped_by_signal or _is_vfsnap_mount(real_mountpoint)
         pyfuse3.close(unmount=still_mounted)
         log.info("unmounted %s", real_mountpoint)
-        faults.report()
     return EXIT_OK
 
 
