@@ -127,6 +127,16 @@ class ChainChange:
                 volume.reload_all()  # another host may have written any of it before we locked
             if volume.needs_recovery:
                 volume.finish_journal()
+            volume.chain_changing = True
+            try:
+                volume.sync_qemu_locks(strict=True)  # EBUSY while a QEMU process uses the images
+            except BaseException:
+                volume.chain_changing = False
+                volume.sync_qemu_locks()
+                if not volume.writers:
+                    locks.unlock(WRITER)
+                locks.unlock(CHAIN)
+                raise
         except BaseException:
             volume.chain_lock.release()
             raise
@@ -135,6 +145,9 @@ class ChainChange:
     async def __aexit__(self, *exc_info):
         volume = self.volume
         try:
+            if volume.chain_changing:
+                volume.chain_changing = False
+                volume.sync_qemu_locks()
             if not volume.share.read_only:
                 if not volume.writers:
                     volume.locks.unlock(WRITER)  # ours, or a writer's who left meanwhile

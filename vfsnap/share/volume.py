@@ -18,12 +18,13 @@ import trio
 
 from vfsnap.chain.backing import ChainRules, backing_chain
 from vfsnap.chain.view import View
-from vfsnap.errors import CorruptImage, NotFound, NotPermitted, VfsnapError
+from vfsnap.errors import Busy, CorruptImage, NotFound, NotPermitted, VfsnapError
 from vfsnap.format import Image, Qcow2Image, open_image, probe_format
 from vfsnap.format.tables import write_error
 from vfsnap.names import info_file, sidecar_file
 from vfsnap.share.info import Sidecar, VolumeInfo, parse_info, parse_sidecar
 from vfsnap.share.locks import VolumeLocks
+from vfsnap.share.qemu_locks import READING, UNUSED, WRITING, ImageLocks, ImageUse
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ class Volume:
         self.writers = 0
         self.open_snapshots: Counter[str] = Counter()
         self.locks = VolumeLocks(share.dir, name)
+        self.image_locks = ImageLocks(share.dir, name)  # QEMU's locks on the images (qemu_locks.py)
+        self.chain_changing = False  # set by ChainChange while it holds the share's locks
         # Chain changes of this volume happen one at a time (DESIGN.md section 3).
         self.chain_lock = trio.Lock()
         # The merge running now, for `vfsnap status` (set by vfsnap.share.snapshots).
@@ -209,6 +212,7 @@ class Volume:
         if image is not None and image.format == image_format and (image.writable or not writable):
             return image
         image = self._open_file(name, image_format, writable=writable)
+        self._lock_for_qemu(name, image)
         old = self._images.pop(name, None)
         if old is not None:
             self._retire(old)
@@ -234,6 +238,7 @@ class Volume:
             # write back) a dirty mark the old one is about to clear.
             old.close_writes()
         image = self._open_file(name, self.format_of(name), writable=writable)
+        self._lock_for_qemu(name, image)
         self._images[name] = image
         if old is not None:
             for view in self._views():
@@ -281,6 +286,7 @@ class Volume:
         used = {img.name for view in self._views() for img in view.images} | {info.active}
         for name in [n for n in self._images if n not in used]:
             self._retire(self._images.pop(name))
+        self.sync_qemu_locks()
 
     # -- snapshots as the tree shows them -------------------------------------------------
 
@@ -405,6 +411,47 @@ class Volume:
         except (VfsnapError, OSError) as exc:
             log.warning("%s: journal still cannot be cleared: %s", self.name, exc)
 
+    # -- QEMU's image locks ---------------------------------------------------------------
+
+    def _qemu_use(self, name: str, image: Image | None) -> ImageUse:
+        """How QEMU's locks describe what this host does with image `name` now: written while
+        the volume is open for writing here or its chain changes (then only the images opened
+        read-write: the active one, a merge's target); read (nobody may change it) while a file
+        of the volume is open or its chain changes, except the active image, which another
+        vfsnap host may write when this one does not (DESIGN.md invariant 7 keeps them apart)."""
+        if image is None:
+            return UNUSED
+        if image.writable and (self.writers or self.chain_changing):
+            return WRITING
+        if (self.open_count or self.chain_changing) and (self._info is None or name != self._info.active):
+            return READING
+        return UNUSED
+
+    def _lock_for_qemu(self, name: str, image: Image) -> None:
+        """Take QEMU's locks for a newly opened image; Busy (the image closed) when a QEMU
+        process's use conflicts."""
+        try:
+            self.image_locks.set(name, self._qemu_use(name, image))
+        except BaseException:
+            image.close()
+            raise
+
+    def sync_qemu_locks(self, *, strict: bool = False) -> None:
+        """Bring QEMU's locks on every image in line with what this host does with it now.
+
+        Strict: the first conflict raises Busy (when something starts: an open, a chain change);
+        else a conflict is logged and that image keeps its locks (when something ends)."""
+        for name in set(self._images) | set(self.image_locks.names()):
+            try:
+                self.image_locks.set(name, self._qemu_use(name, self._images.get(name)))
+            except Busy:
+                if strict:
+                    raise
+            except (VfsnapError, OSError) as exc:
+                if strict:
+                    raise
+                log.warning("%s: QEMU's locks on %s: %s", self.name, name, exc)
+
     # -- lifetime -------------------------------------------------------------------------
 
     def _retire(self, image: Image) -> None:
@@ -436,6 +483,16 @@ class Volume:
         self.open_count += 1
         if writing:
             self.writers += 1
+        try:
+            self.sync_qemu_locks(strict=True)  # EBUSY while a QEMU process writes the images
+        except Busy:
+            self.open_count -= 1
+            if writing:
+                self.writers -= 1
+                if not self.writers and not self.chain_lock.locked():
+                    self.locks.release_writer()
+            self.sync_qemu_locks()
+            raise
         if snapshot is not None:
             self.open_snapshots[snapshot] += 1
 
@@ -482,6 +539,7 @@ class Volume:
             for image in self._retired:
                 image.close()
             self._retired.clear()
+        self.sync_qemu_locks()
 
     def close(self) -> None:
         if self.needs_recovery and not self.share.read_only:
@@ -499,4 +557,5 @@ class Volume:
         self._retired.clear()
         self._live_view = None
         self._snapshot_views.clear()
+        self.image_locks.close()
         self.locks.close()
