@@ -29,6 +29,10 @@ import pytest
 
 PACKAGES = ("glusterfs-server", "glusterfs-client")
 VOLUME_PREFIX = "vfsnap-test-"
+# The client-side caches of a GlusterFS volume (on by default), off for VM images.
+CLIENT_CACHES = ("performance.quick-read", "performance.io-cache", "performance.read-ahead",
+                 "performance.stat-prefetch", "performance.open-behind", "performance.write-behind",
+                 "performance.readdir-ahead")
 SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -146,9 +150,7 @@ def create_volume(root: Path) -> GlusterVolume:
         pytest.fail("gluster volume create failed for every host name of this machine: " + "; ".join(errors))
     # As a deployment serving VM images must (oVirt and Cinder docs: `gluster volume set VOL
     # group virt`): no client-side caches that let one client read stale data another wrote.
-    for option in ("performance.quick-read", "performance.io-cache", "performance.read-ahead",
-                   "performance.stat-prefetch", "performance.open-behind", "performance.write-behind",
-                   "performance.readdir-ahead"):
+    for option in CLIENT_CACHES:
         gluster("volume", "set", name, option, "off")
     started_volume = gluster("volume", "start", name)
     if started_volume.returncode != 0:

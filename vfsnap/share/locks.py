@@ -51,7 +51,16 @@ class VolumeLocks:
         if byte in self.held:
             return True
         try:
-            fcntl.fcntl(self._descriptor(), fcntl.F_OFD_SETLK, _flock(fcntl.F_WRLCK, byte))
+            try:
+                fcntl.fcntl(self._descriptor(), fcntl.F_OFD_SETLK, _flock(fcntl.F_WRLCK, byte))
+            except OSError as exc:
+                if exc.errno != errno.ESTALE or self.held:
+                    raise
+                # The base file was replaced on the share (and nothing is held on the old one):
+                # lock the file that is there now, by name.
+                self.close()
+                self.share_dir.reresolve()
+                fcntl.fcntl(self._descriptor(), fcntl.F_OFD_SETLK, _flock(fcntl.F_WRLCK, byte))
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.EACCES):
                 if not self.held:

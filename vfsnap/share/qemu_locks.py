@@ -113,6 +113,18 @@ class ImageLocks:
 
     def set(self, name: str, use: ImageUse) -> None:
         """Lock `name` for `use`; Busy (nothing changed) when another process's use conflicts.
+        A file replaced on the share (ESTALE) is locked afresh, by name."""
+        try:
+            self._set(name, use)
+        except OSError as exc:
+            if exc.errno != errno.ESTALE:
+                raise
+            self.release(name)
+            self.share_dir.reresolve()
+            self._set(name, use)
+
+    def _set(self, name: str, use: ImageUse) -> None:
+        """Lock `name` for `use`; Busy (nothing changed) when another process's use conflicts.
 
         As QEMU does: the new bytes are locked first, then the conflicts tested, then the bytes
         no longer needed unlocked; on a conflict the old state is put back."""

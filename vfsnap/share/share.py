@@ -31,6 +31,7 @@ from vfsnap.names import (
 from vfsnap.options import MountOptions
 from vfsnap.share.files import ShareDir
 from vfsnap.share.info import Sidecar, parse_info, parse_sidecar
+from vfsnap.share.mounts import coherence_warnings, mount_holding
 from vfsnap.share.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,10 @@ class Share:
         self.rename_unfinished = False  # a rename failed midway; the background task retries
         # NFS and FUSE filesystems (GlusterFS) cache across opens, not across hosts' writes.
         self.network = filesystem_type(self.path) in NETWORK_FILESYSTEMS
+        self.dir.uncached_reads = self.network  # `.info` and sidecars past the client's caches
+        if self.network:
+            for warning in coherence_warnings(self.path):
+                log.warning("%s", warning)
         self._overlay_cache: dict[str, tuple[tuple, frozenset[str]]] = {}
 
     @property
@@ -306,20 +311,9 @@ NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "fuse.glusterfs", "glusterfs", "
 
 
 def filesystem_type(path: str) -> str:
-    """The type of the filesystem holding `path`, from /proc/mounts (longest mountpoint)."""
-    best, kind = "", ""
-    try:
-        with open("/proc/mounts") as mounts:
-            for line in mounts:
-                fields = line.split()
-                if len(fields) < 3:
-                    continue
-                point = fields[1].replace("\\040", " ")
-                if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
-                    best, kind = point, fields[2]
-    except OSError:
-        pass
-    return kind
+    """The type of the filesystem holding `path` ("" when unknown)."""
+    entry = mount_holding(path)
+    return "" if entry is None else entry.kind
 
 
 @contextlib.contextmanager

@@ -411,6 +411,22 @@ class Volume:
         except (VfsnapError, OSError) as exc:
             log.warning("%s: journal still cannot be cleared: %s", self.name, exc)
 
+    def forget_stale_images(self) -> None:
+        """After ESTALE from an image (another host or an admin replaced or deleted the file):
+        look the share's names up afresh and reopen the chain by name, so that a retried
+        request reads the files that are there now. Not while this host writes the volume or
+        changes its chain: then nobody else may replace its files (DESIGN.md invariant 7)."""
+        self.share.dir.reresolve()
+        if self.writers or self.chain_changing or self.chain_lock.locked():
+            return
+        log.info("%s: a file of the volume was replaced on the share (stale file handle); reopening its images",
+                 self.name)
+        self.refresh()
+        # One image after the other, each swapped into the views only once its new descriptor
+        # is open: a failure midway leaves every view with open (if old) images.
+        for name, image in list(self._images.items()):
+            self.reopen(name, writable=image.writable)
+
     # -- QEMU's image locks ---------------------------------------------------------------
 
     def _qemu_use(self, name: str, image: Image | None) -> ImageUse:
