@@ -19,6 +19,7 @@ import pytest
 
 from tests.conftest import requires_fuse, wait_for
 from tests.gluster import CLIENT_CACHES, _run, gluster
+from vfsnap.share.remote import GLUSTERFS_COHERENCE_OPTIONS
 from tests.qemu import make_chain, qemu_io
 
 pytestmark = [requires_fuse, pytest.mark.gluster]
@@ -32,39 +33,43 @@ def _fill(level, path, fmt):
     qemu_io(path, f"write -P {0x31 + level} {level * 512}k 1M", fmt=fmt)
 
 
-@pytest.fixture
-def default_volume_options(gluster_volume):
-    """The session's volume with GlusterFS's default client-side caches (quick-read, io-cache,
-    md-cache, ... on), as a volume made without `group virt` has them; turned off again after."""
-    for option in CLIENT_CACHES:
-        gluster("volume", "reset", gluster_volume.name, option)
-    yield gluster_volume
-    for option in CLIENT_CACHES:
-        gluster("volume", "set", gluster_volume.name, option, "off")
+@pytest.fixture(params=["default-options", "vfsnap-options"])
+def two_default_clients(request, gluster_volume, gluster_client, tmp_path):
+    """Two glusterfs client mounts of the test volume (the first is the session's
+    `gluster_client`, emptied at teardown). "default-options": as many sites run it, the
+    client's default mount options and the volume's default client-side caches (quick-read,
+    io-cache, md-cache, ... on, as a volume made without `group virt` has them; turned off again
+    after); "vfsnap-options": remounted with the options vfsnap uses, caches off."""
+    clients = [gluster_client, tmp_path / "gluster-client-2"]
+    clients[1].mkdir()
+    if request.param == "default-options":
+        for option in CLIENT_CACHES:
+            gluster("volume", "reset", gluster_volume.name, option)
+        options = []
+    else:
+        options = ["-o", ",".join(GLUSTERFS_COHERENCE_OPTIONS)]
+        _run("umount", str(clients[0]), timeout=30)
+    for client in clients[1:] if not options else clients:
+        result = _run("mount", "-t", "glusterfs", *options, gluster_volume.spec, str(client), timeout=60)
+        if result.returncode != 0:
+            pytest.fail(f"mount -t glusterfs {gluster_volume.spec} failed: {result.stderr.strip()}")
+    yield tuple(clients)
+    if _run("umount", str(clients[1]), timeout=30).returncode != 0:
+        _run("umount", "-l", str(clients[1]), timeout=30)
+    if request.param == "default-options":
+        for option in CLIENT_CACHES:
+            gluster("volume", "set", gluster_volume.name, option, "off")
 
 
-@pytest.fixture
-def two_default_clients(default_volume_options, gluster_volume, gluster_client, tmp_path):
-    """Two glusterfs client mounts of the test volume, both with the client's default options
-    (the first is the session's `gluster_client`)."""
-    second = tmp_path / "gluster-client-2"
-    second.mkdir()
-    result = _run("mount", "-t", "glusterfs", gluster_volume.spec, str(second), timeout=60)
-    if result.returncode != 0:
-        pytest.fail(f"mount -t glusterfs {gluster_volume.spec} failed: {result.stderr.strip()}")
-    yield gluster_client, second
-    if _run("umount", str(second), timeout=30).returncode != 0:
-        _run("umount", "-l", str(second), timeout=30)
-
-
-def test_concurrent_mkdirs_on_two_hosts_with_default_client_options(two_default_clients, gluster_volume, vfsnap_mount,
-                                                                   tmp_path):
+def test_concurrent_mkdirs_on_two_hosts(two_default_clients, gluster_volume, vfsnap_mount, tmp_path, request):
     first, second = two_default_clients
     make_chain(first, "vol", size=4 << 20, depth=0)
     hosts = [vfsnap_mount(path=tmp_path / f"host-{i}", share_path=client) for i, client in enumerate((first, second))]
+    warned = "default-options" in request.node.callspec.id
     for mnt in hosts:
         log = mnt.log()
-        assert "attribute-timeout=0" in log and "entry-timeout=0" in log, log  # the mount warned
+        # The mount warns about the client's caching, naming the options to use; not otherwise.
+        assert ("attribute-timeout=0,entry-timeout=0" in log) == warned, log
     errors: list[str] = []
     taken: list[str] = []
     done = threading.Event()

@@ -16,7 +16,7 @@ import os
 import secrets
 import stat
 
-from vfsnap.errors import CorruptImage, NoSpace, NotFound, VfsnapError
+from vfsnap.errors import CorruptImage, NotFound, VfsnapError, share_error
 from vfsnap.names import TEMP_PREFIX
 
 log = logging.getLogger(__name__)
@@ -248,6 +248,4 @@ def _check_plain(name: str) -> None:
 
 
 def _share_error(exc: OSError, name: str) -> VfsnapError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return NoSpace(f"{name}: share is full ({exc.strerror})")
-    return VfsnapError(f"{name}: {os.strerror(exc.errno or errno.EIO)}", errno=exc.errno or errno.EIO)
+    return share_error(exc, name)

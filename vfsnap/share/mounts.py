@@ -49,10 +49,10 @@ def mount_table(path: str = "/proc/mounts") -> list[MountEntry]:
     return entries
 
 
-def mount_holding(path: str) -> MountEntry | None:
+def mount_holding(path: str, table: list[MountEntry] | None = None) -> MountEntry | None:
     """The mount holding `path` (the longest mount point above it; the last one mounted wins)."""
     best = None
-    for entry in mount_table():
+    for entry in mount_table() if table is None else table:
         point = entry.point
         if path == point or path.startswith(point.rstrip("/") + "/"):
             if best is None or len(point) >= len(best.point):
@@ -89,10 +89,10 @@ def _gluster_client_options(mount_point: str) -> dict[str, str] | None:
     return None
 
 
-def coherence_warnings(path: str) -> list[str]:
+def coherence_warnings(path: str, table: list[MountEntry] | None = None) -> list[str]:
     """What in the mount of the share directory `path` lets one host be served stale names,
     attributes or contents another host changed, with the options to use instead."""
-    entry = mount_holding(path)
+    entry = mount_holding(path, table)
     if entry is None:
         return []
     if entry.kind in ("fuse.glusterfs", "glusterfs"):

@@ -8,17 +8,16 @@ file, not a vfsnap sidecar or temporary file, and not named as an image by any v
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import stat
 
 import attrs
 
-from vfsnap.errors import AlreadyExists, Busy, NoSpace, NotFound, ReadOnly, VfsnapError
+from vfsnap.errors import AlreadyExists, Busy, NotFound, ReadOnly, VfsnapError, share_error
 from vfsnap.chain.view import MapBudget
 from vfsnap.format import TableCache
-from vfsnap.format.create import create_qcow2
+from vfsnap.format.create import create_qcow2, round_size
 from vfsnap.names import (
     INFO_SUFFIX,
     SIDECAR_SUFFIX,
@@ -43,6 +42,11 @@ class Capacity:
     free: int  # bytes free for root
     available: int  # bytes free for unprivileged users
     block_size: int
+
+    @classmethod
+    def of(cls, st: os.statvfs_result) -> "Capacity":
+        return cls(total=st.f_blocks * st.f_frsize, free=st.f_bfree * st.f_frsize,
+                   available=st.f_bavail * st.f_frsize, block_size=st.f_frsize)
 
 
 class Share:
@@ -244,7 +248,7 @@ class Share:
             if self.dir.exists(file_name):
                 raise AlreadyExists(f"{file_name} already exists on {self.path}")
         image_format = self.options.volume_format
-        size = -(-size // 512) * 512  # whole sectors, as QEMU sees any disk
+        size = round_size(size)  # whole sectors, as QEMU sees any disk
         try:
             fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode & 0o7777,
                          dir_fd=self.dir.fd)
@@ -267,9 +271,7 @@ class Share:
             self.dir.write_atomic(sidecar_file(name), Sidecar(base_format=image_format).to_json())
         except OSError as exc:
             self.dir.unlink(name)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise NoSpace(f"no space on {self.path} for volume {name}") from None
-            raise
+            raise share_error(exc, f"creating volume {name} on {self.path}") from None
         except VfsnapError:
             self.dir.unlink(name)
             raise
@@ -298,13 +300,7 @@ class Share:
     # -- capacity -------------------------------------------------------------------------
 
     def capacity(self) -> Capacity:
-        st = self.dir.statvfs()
-        return Capacity(
-            total=st.f_blocks * st.f_frsize,
-            free=st.f_bfree * st.f_frsize,
-            available=st.f_bavail * st.f_frsize,
-            block_size=st.f_frsize,
-        )
+        return Capacity.of(self.dir.statvfs())
 
 
 NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "fuse.glusterfs", "glusterfs", "ceph", "cifs", "smb3", "9p"})

@@ -20,6 +20,7 @@ from vfsnap.chain.backing import ChainRules, backing_chain
 from vfsnap.chain.view import View
 from vfsnap.errors import Busy, CorruptImage, NotFound, NotPermitted, VfsnapError
 from vfsnap.format import Image, Qcow2Image, open_image, probe_format
+from vfsnap.format.header import read_header
 from vfsnap.format.tables import write_error
 from vfsnap.names import info_file, sidecar_file
 from vfsnap.share.info import Sidecar, VolumeInfo, parse_info, parse_sidecar
@@ -55,7 +56,7 @@ async def sync_data(image: Image, min_bytes: int = SYNC_ON_WORKER_BYTES) -> None
 
 # How long a `.info` read is trusted before it is read again (another host may change it;
 # reading the content, not trusting mtimes, also works under NFS attribute caching).
-INFO_RECHECK_SECONDS = 0.5
+INFO_RECHECK_SECONDS = 0.25  # + the share's own delay: within the 1 s listing bound (docs)
 
 
 class Volume:
@@ -383,12 +384,12 @@ class Volume:
                 continue  # a raw disk whose guest wrote a qcow2 header is still raw (invariant 4)
             fd = self.share.dir.open_regular(name, os.O_RDONLY)
             try:
-                head = os.pread(fd, 80, 0)
+                dirty = read_header(fd, os.fstat(fd).st_size, name=name).dirty
+            except VfsnapError:
+                continue  # not a qcow2 image vfsnap can repair: it fails on use, with its error
             finally:
                 os.close(fd)
-            if len(head) < 80 or head[:4] != b"QFI\xfb" or int.from_bytes(head[4:8], "big") < 3:
-                continue
-            if not int.from_bytes(head[72:80], "big") & 1:
+            if not dirty:
                 continue
             image = self._open_file(name, "qcow2", writable=True)
             try:
