@@ -28,7 +28,9 @@ def fuse_usable() -> bool:
     return os.path.exists("/dev/fuse") and FUSERMOUNT is not None
 
 
-requires_fuse = pytest.mark.skipif(not fuse_usable(), reason="needs /dev/fuse and fusermount3")
+# A test that mounts fails (never skips) where FUSE cannot be used: a CI run without /dev/fuse must
+# go red, not report a green run that tested nothing (`pytest_runtest_setup` below).
+requires_fuse = pytest.mark.requires_fuse
 
 
 def unmount(mountpoint: Path | str, *, lazy: bool = False) -> bool:
@@ -36,15 +38,29 @@ def unmount(mountpoint: Path | str, *, lazy: bool = False) -> bool:
     return subprocess.run(args, capture_output=True).returncode == 0
 
 
+def wait_for(condition, what: str, timeout: float = 5.0, interval: float = 0.02):
+    """Poll `condition()` until it returns something true (returned), failing the test after
+    `timeout` seconds: tests wait on the state they need, never for a guessed time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
 class Mount:
     """A running `vfsnap mount -f` and its mountpoint."""
 
     def __init__(self, share: Path | list[Path], mountpoint: Path, options: str = "", log_path: Path | None = None,
-                 spec: str | None = None):
+                 spec: str | None = None, module: str = "vfsnap"):
         self.shares = share if isinstance(share, list) else [share]
         self.spec = spec or str(self.shares[0])
         self.path = mountpoint
         self.options = options
+        self.module = module  # what `python -m` runs: vfsnap, or tests.fault_launcher (tests/faults.py)
         self.log_path = log_path or mountpoint.parent / f"{mountpoint.name}.log"
         self.process: subprocess.Popen | None = None
         self.allowed_log_errors: list[str] = []
@@ -62,7 +78,7 @@ class Mount:
 
     def start(self, timeout: float = 20.0) -> "Mount":
         self.path.mkdir(parents=True, exist_ok=True)
-        args = [sys.executable, "-m", "vfsnap", "mount", "-f"]
+        args = [sys.executable, "-m", self.module, "mount", "-f"]
         opts = ",".join(o for o in ("log_level=debug" if os.environ.get("VFSNAP_TEST_DEBUG") else "", self.options) if o)
         if opts:
             args += ["-o", opts]
@@ -160,3 +176,11 @@ def vfsnap_mount(share: Path, mountpoint: Path, request):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "allow_daemon_errors: the test provokes daemon-side errors on purpose")
+    config.addinivalue_line("markers", "requires_fuse: the test mounts vfsnap; fails when /dev/fuse is unusable")
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("requires_fuse") and not fuse_usable():
+        pytest.fail("this test mounts vfsnap but FUSE cannot be used here: "
+                    f"/dev/fuse {'exists' if os.path.exists('/dev/fuse') else 'is missing'}, "
+                    f"fusermount3 {'found' if FUSERMOUNT else 'not found'}", pytrace=False)

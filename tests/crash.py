@@ -1,5 +1,5 @@
 """Crash harness: run a chain operation in a child process that is SIGKILLed right after its N-th
-write/fsync/rename/unlink to the share (`vfsnap.faults`), for every N, then recover the way a mount
+write/fsync/rename/unlink to the share (`tests/faults.py`), for every N, then recover the way a mount
 does and check DESIGN.md invariant 3 against a model:
 
 - every write acknowledged by a flush (fsync) before the crash is there;
@@ -31,7 +31,7 @@ from tests.qemu import check as qemu_check
 from tests.qemu import create as qemu_create
 from tests.qemu import write_info
 from vfsnap.cli.check import check_share
-from vfsnap.faults import FaultPlan
+from tests.faults import FaultPlan
 from vfsnap.options import MountOptions
 from vfsnap.share import clone, snapshots
 from vfsnap.share.pool import Pool

@@ -540,7 +540,7 @@ def test_pending_deletion_is_reported_then_merged_keeping_other_views(share: Pat
 def _rename_in_child(share: Path, at: int, counter) -> int:
     """Rename volume vol to renamed in a forked child (the daemon's code path) that is
     SIGKILLed right after its `at`-th operation on the share; `at`=0 only counts."""
-    from vfsnap.faults import FaultPlan
+    from tests.faults import FaultPlan
     from vfsnap.options import MountOptions
     from vfsnap.share.rename import rename_volume
     from vfsnap.share.share import Share

@@ -3,6 +3,7 @@ of an operation loses no acknowledged write and leaves every view before or afte
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -281,20 +282,34 @@ SCENARIOS = [
 ]
 
 
+# The fewest crash points each scenario's sweep must cover (about 85% of what it covered when
+# this was written: 1223 in all), so that the total of 1000 (issue 5) is checked scenario by
+# scenario, also when only some of them run (`-k`), and a sweep that silently shrinks fails.
+MIN_CRASH_POINTS = {
+    "writes-4096": 105, "writes-512": 175, "writes-65536-extend": 70, "writes-512-extend": 180,
+    "snapshot": 52, "delete-oldest-4096": 50, "delete-oldest-512": 62, "delete-middle-4096": 63,
+    "delete-middle-512": 95, "delete-newest-4096": 50, "delete-newest-512": 78, "rename-2": 19, "rename-6": 29,
+    # clone and revert (issue 15): swept 32, 88, 45 and 51 points when written
+    "clone-snapshot": 27, "clone-live": 75, "revert-s3": 38, "revert-s1": 43,
+}
+
+
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.name)
 def test_crash_after_every_operation(scenario, tmp_path: Path):
     every = int(os.environ.get("VFSNAP_CRASH_EVERY", "1"))
     points = sweep(scenario, tmp_path, every=every)
     CRASH_POINTS[scenario.name] = points
-    assert points > 10
+    expected = -(-MIN_CRASH_POINTS[scenario.name] // every)  # the sweep crashes at every `every`-th point
+    assert points >= expected, f"{scenario.name}: {points} crash points swept, expected at least {expected}"
 
 
 def test_crash_point_count_reported():
-    """The sweep above covers at least 1000 distinct crash points (issue 5)."""
+    """The sweep covers at least 1000 distinct crash points (issue 5): each scenario checks its
+    own share of them above, whichever subset runs."""
+    assert sorted(MIN_CRASH_POINTS) == sorted(s.name for s in SCENARIOS)
+    assert sum(MIN_CRASH_POINTS.values()) >= 1000
     total = sum(CRASH_POINTS.values())
     print(f"\ncrash points swept: {total} ({CRASH_POINTS})")
-    if len(CRASH_POINTS) == len(SCENARIOS) and os.environ.get("VFSNAP_CRASH_EVERY", "1") == "1":
-        assert total >= 1000, CRASH_POINTS
 
 
 # -- real mounts: kill -9 at random moments -----------------------------------------------------------
@@ -339,7 +354,11 @@ def test_kill_9_during_snapshot_operations_under_a_writer(share, tmp_path, seed)
                     taken.remove(in_flight)
                     os.rmdir(mnt.snapshot_dir("vol", in_flight))
                 in_flight = None
-            except OSError:
+            except OSError as exc:
+                # Only EBUSY is an answer (a snapshot busy in a merge); an EIO or anything else
+                # is a failure of the test, never a reason to stop quietly.
+                if exc.errno != errno.EBUSY:
+                    raise
                 break
             time.sleep(rng.uniform(0, 0.05))
     finally:

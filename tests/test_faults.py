@@ -1,7 +1,8 @@
 """Faults of the share during real mounts (issue 5): the N-th operation vfsnap issues to the share
-fails with ENOSPC or EIO (`vfsnap.faults`, installed by `vfsnap mount` from VFSNAP_FAULTS) in the
-middle of a guest write into a qcow2 overlay, a mkdir of a snapshot, the background merge of an
-rmdir, and a rename of a volume; and a really full filesystem (a small tmpfs) under a merge.
+fails with ENOSPC or EIO (tests/faults.py, installed from VFSNAP_FAULTS by the daemon's test
+launcher, tests/fault_launcher.py) in the middle of a guest write into a qcow2 overlay, a mkdir of
+a snapshot, the background merge of an rmdir, and a rename of a volume; and a really full
+filesystem (a small tmpfs) under a merge.
 
 Each time the user must get a clean error with the injected errno (for the background merge:
 `vfsnap status` shows the operation failed with its error and `vfsnap sync` exits non-zero),
@@ -68,7 +69,8 @@ class Mounts:
             else:
                 self.monkeypatch.setenv(name, value)
         index = len(self.started)
-        mnt = Mount(share, self.base / f"mnt{index}", OPTIONS, log_path=self.base / f"mnt{index}.log")
+        mnt = Mount(share, self.base / f"mnt{index}", OPTIONS, log_path=self.base / f"mnt{index}.log",
+                    module="tests.fault_launcher")
         self.started.append(mnt)
         try:
             return mnt.start()

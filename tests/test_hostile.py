@@ -25,14 +25,13 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Mount, requires_fuse
+from tests.conftest import Mount, requires_fuse, wait_for
 from tests.qemu import (
     create,
     flat_bytes,
@@ -641,7 +640,8 @@ def test_fifo_sidecar_on_a_read_only_mount(share, vfsnap_mount):
     create(share / "vol", SIZE, fmt="raw")
     os.mkfifo(share / "vol.vfsnap.json")
     mnt = vfsnap_mount("ro")
-    time.sleep(0.5)  # background tasks start after the mount appears
+    wait_for(lambda: "background tasks running" in mnt.log() or mnt.process.poll() is not None,
+             "the daemon's background tasks to start")
     with watchdog(mnt):
         assert mnt.process.poll() is None, "the daemon died"
         assert attempt(mnt.volume("vol"))[0] == errno.EIO
@@ -1072,10 +1072,9 @@ def test_permissions_with_allow_other(share, open_mountpoint, vfsnap_mount):
 
     # A chmod on the share takes effect through the mount (after the 1 s attribute timeout).
     os.chmod(share / "public", 0o600)
-    time.sleep(1.5)
-    assert stat.S_IMODE(os.stat(mnt.volume("public")).st_mode) == 0o600
+    wait_for(lambda: stat.S_IMODE(os.stat(mnt.volume("public")).st_mode) == 0o600, "the chmod to show", 10)
     assert as_user(uid, gid, ("read", v("public"), 4), ("listdir", s("public"), None)) == ["EACCES", "EACCES"]
     os.chown(share / "public", uid, gid)
-    time.sleep(1.5)
+    wait_for(lambda: os.stat(mnt.volume("public")).st_uid == uid, "the chown to show", 10)
     assert as_user(uid, gid, ("read", v("public"), 4), ("mkdir", s("public", "now"), None)) == [
         "ok:" + "22" * 4, "ok"]

@@ -134,6 +134,7 @@ def test_concurrent_writes_mkdir_and_rmdir_from_two_hosts_keep_the_chain_consist
     make_chain(prepared, "vol", size=total * BLOCK, depth=0)
     hosts = start()
     busy = {"count": 0}
+    taken_by = {"a": 0, "b": 0}
     errors: list[BaseException] = []
 
     def writer(mnt, first, step):
@@ -172,6 +173,7 @@ def test_concurrent_writes_mkdir_and_rmdir_from_two_hosts_keep_the_chain_consist
                         name = f"{prefix}{i}"
                         os.mkdir(mnt.snapshot_dir("vol", name))
                         taken.append(name)
+                        taken_by[prefix] += 1
                 except OSError as exc:
                     if exc.errno != errno.EBUSY:
                         raise
@@ -190,7 +192,11 @@ def test_concurrent_writes_mkdir_and_rmdir_from_two_hosts_keep_the_chain_consist
         thread.start()
     for thread in threads:
         thread.join(300)
+    assert not any(thread.is_alive() for thread in threads), "a client thread hung"
     assert not errors, errors
+    # The hosts did contend (else the exclusion was never exercised), and each still took snapshots.
+    assert busy["count"] > 0, "no EBUSY at all: the two hosts never overlapped"
+    assert taken_by["a"] > 0 and taken_by["b"] > 0, taken_by
     for mnt in hosts:
         subprocess.run([sys.executable, "-m", "vfsnap", "sync", str(mnt.path), "--timeout", "120"], check=True)
     eventually(lambda: sorted(os.listdir(hosts[0].snapshot_dir("vol"))) == sorted(os.listdir(hosts[1].snapshot_dir("vol"))))

@@ -3,7 +3,7 @@
 vfsnap serves every request on one thread. The long wait of an fsync, for the share to store the
 data written since the last one, runs on a worker thread (`Volume.flush_async`,
 `share.volume.sync_data`), so that requests for other volumes go on meanwhile. The share is made
-slow with the test-only fault hook (`VFSNAP_FAULTS=slow:SECONDS`: every fdatasync first sleeps).
+slow with the test-only fault hook (tests/faults.py, `VFSNAP_FAULTS=slow:SECONDS`: every fdatasync first sleeps).
 
 The in-process tests pin down the bookkeeping that makes this safe: a sync begun on another
 thread marks the data clean only if no write came in while it ran, so the ordered flush after it
@@ -126,7 +126,7 @@ def test_a_write_during_an_off_loop_sync_keeps_the_data_marked_for_the_flush(tmp
     assert raw[:65536] == b"\x01" * 65536 and raw[65536:131072] == b"\x02" * 65536
 
 
-def test_sync_data_runs_on_a_thread_and_other_tasks_go_on(tmp_path: Path, monkeypatch):
+async def test_sync_data_runs_on_a_thread_and_other_tasks_go_on(tmp_path: Path, monkeypatch):
     path = tmp_path / "raw"
     path.write_bytes(bytes(MiB))
     image = RawImage(os.open(path, os.O_RDWR), "raw", writable=True)
@@ -142,19 +142,16 @@ def test_sync_data_runs_on_a_thread_and_other_tasks_go_on(tmp_path: Path, monkey
     monkeypatch.setattr(os, "fdatasync", slow_fdatasync)
     ticks = []
 
-    async def main():
-        async def ticker():
-            while True:
-                ticks.append(None)
-                await trio.sleep(0.01)
+    async def ticker():
+        while True:
+            ticks.append(None)
+            await trio.sleep(0.01)
 
+    try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ticker)
             await sync_data(image, min_bytes=0)
             nursery.cancel_scope.cancel()
-
-    try:
-        trio.run(main)
         assert threads and threads[0] is not threading.main_thread()
         assert len(ticks) > 5, "the event loop stood still during the sync"
         assert not image.dirty
@@ -162,7 +159,7 @@ def test_sync_data_runs_on_a_thread_and_other_tasks_go_on(tmp_path: Path, monkey
         image.close()
 
 
-def test_a_failed_off_loop_sync_leaves_the_data_dirty_and_reports_the_errno(tmp_path: Path, monkeypatch):
+async def test_a_failed_off_loop_sync_leaves_the_data_dirty_and_reports_the_errno(tmp_path: Path, monkeypatch):
     path = tmp_path / "raw"
     path.write_bytes(bytes(MiB))
     image = RawImage(os.open(path, os.O_RDWR), "raw", writable=True)
@@ -174,14 +171,14 @@ def test_a_failed_off_loop_sync_leaves_the_data_dirty_and_reports_the_errno(tmp_
     monkeypatch.setattr(os, "fdatasync", failing_fdatasync)
     try:
         with pytest.raises(VfsnapError) as info:
-            trio.run(sync_data, image, 0)
+            await sync_data(image, 0)
         assert info.value.errno == errno.EIO
         assert image.dirty
     finally:
         image.close()
 
 
-def test_little_unsynced_data_is_left_to_the_flush_on_the_request_thread(tmp_path: Path, monkeypatch):
+async def test_little_unsynced_data_is_left_to_the_flush_on_the_request_thread(tmp_path: Path, monkeypatch):
     """Below SYNC_ON_WORKER_BYTES the worker is not used (its sync would only add one to the
     flush); from it on it is, and a flush afterwards has no data left to sync."""
     from vfsnap.share.volume import SYNC_ON_WORKER_BYTES
@@ -199,12 +196,12 @@ def test_little_unsynced_data_is_left_to_the_flush_on_the_request_thread(tmp_pat
     monkeypatch.setattr(os, "fdatasync", counting_fdatasync)
     try:
         image.write(0, b"\x01" * (SYNC_ON_WORKER_BYTES - 4096))
-        trio.run(sync_data, image)
+        await sync_data(image)
         assert calls == [] and image.dirty
         image.flush()
         assert calls == [True] and not image.dirty
         image.write(0, b"\x02" * SYNC_ON_WORKER_BYTES)
-        trio.run(sync_data, image)
+        await sync_data(image)
         assert calls == [True, False] and not image.dirty
         image.flush()
         assert calls == [True, False], "the flush synced again what the worker had stored"

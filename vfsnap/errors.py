@@ -6,6 +6,7 @@ pyfuse3 handler would abort the whole mount).
 """
 
 import errno as errno_codes
+import os
 
 
 class VfsnapError(Exception):
@@ -67,3 +68,12 @@ class NewerSnapshots(VfsnapError):
     """A revert to a snapshot that is not the newest, without `--destroy-newer`."""
 
     errno = errno_codes.ENOTEMPTY
+
+
+def share_error(exc: OSError, message: str) -> VfsnapError:
+    """The domain error for a failed operation on the share: NoSpace for a full share or an
+    exhausted quota (ENOSPC, EDQUOT), else the call's own errno."""
+    if exc.errno in (errno_codes.ENOSPC, errno_codes.EDQUOT):
+        return NoSpace(f"{message}: no space left on the share ({exc.strerror})")
+    return VfsnapError(f"{message}: {exc.strerror or os.strerror(exc.errno or errno_codes.EIO)}",
+                       errno=exc.errno or errno_codes.EIO)

@@ -28,6 +28,7 @@ from vfsnap.format.check import check_image, rebuild_refcounts
 from vfsnap.names import SIDECAR_SUFFIX, TEMP_PREFIX
 from vfsnap.options import MountOptions
 from vfsnap.share import snapshots
+from vfsnap.share.mounts import mount_table
 from vfsnap.share.rename import pending_renames, run_rename
 from vfsnap.share.share import Share
 
@@ -222,12 +223,4 @@ def _check_strays(share: Share, report: Report, *, repair: bool) -> None:
 
 def _mounted_by_vfsnap(path: str) -> bool:
     real = os.path.realpath(path)
-    try:
-        with open("/proc/mounts") as mounts:
-            for line in mounts:
-                fields = line.split()
-                if len(fields) > 2 and fields[2] == "fuse.vfsnap" and os.path.realpath(fields[0]) == real:
-                    return True
-    except OSError:
-        pass
-    return False
+    return any(entry.kind == "fuse.vfsnap" and os.path.realpath(entry.source) == real for entry in mount_table())

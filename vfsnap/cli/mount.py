@@ -18,6 +18,7 @@ from vfsnap.cli.main import EXIT_MOUNT_FAILED, EXIT_OK, QuietError
 from vfsnap.errors import VfsnapError
 from vfsnap.fs.operations import VfsnapOperations
 from vfsnap.options import MountOptions, parse_options
+from vfsnap.share.mounts import mount_table
 from vfsnap.share.pool import Pool
 
 log = logging.getLogger("vfsnap")
@@ -71,11 +72,7 @@ def check_mountpoint(mountpoint: str, shares: list[str]) -> str:
 
 
 def _is_vfsnap_mount(path: str) -> bool:
-    try:
-        with open("/proc/mounts") as mounts:
-            return any(line.split()[1] == path and line.split()[2] == "fuse.vfsnap" for line in mounts)
-    except OSError:
-        return False
+    return any(entry.point == path and entry.kind == "fuse.vfsnap" for entry in mount_table())
 
 
 def fuse_options(spec: str, options: MountOptions) -> set[str]:
@@ -89,9 +86,6 @@ def fuse_options(spec: str, options: MountOptions) -> set[str]:
 
 
 def mount(spec: str, mountpoint: str, option_text: str, *, foreground: bool) -> int:
-    from vfsnap import faults
-
-    faults.install_from_environment()  # tests only: does nothing without VFSNAP_FAULTS
     try:
         options = parse_options(option_text, foreground=foreground)
     except VfsnapError as exc:
@@ -122,7 +116,6 @@ def mount(spec: str, mountpoint: str, option_text: str, *, foreground: bool) -> 
         still_mounted = stopped_by_signal or _is_vfsnap_mount(real_mountpoint)
         pyfuse3.close(unmount=still_mounted)
         log.info("unmounted %s", real_mountpoint)
-        faults.report()
     return EXIT_OK
 
 

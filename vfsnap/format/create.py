@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from vfsnap.errors import NoSpace, VfsnapError
+from vfsnap.errors import VfsnapError, share_error
 from vfsnap.format.header import (
     COMPRESSION_DEFLATE,
     Qcow2Header,
@@ -90,8 +90,4 @@ def create_qcow2(fd: int, size: int, **kwargs) -> None:
             offset += written
         os.fsync(fd)
     except OSError as exc:
-        import errno
-
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise NoSpace(f"no space left on the share for a new image ({exc.strerror})") from None
-        raise
+        raise share_error(exc, "writing a new image") from None

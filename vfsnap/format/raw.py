@@ -8,6 +8,7 @@ import errno
 import os
 
 from vfsnap.errors import NotPermitted, ReadOnly
+from vfsnap.format.create import round_size
 from vfsnap.format.image import DATA, Image
 from vfsnap.format.tables import sync, write_error
 
@@ -21,7 +22,7 @@ class RawImage(Image):
 
     def __init__(self, fd: int, name: str, *, writable: bool):
         super().__init__(fd, name, writable=writable)
-        self._size = _sectors(os.fstat(fd).st_size)
+        self._size = round_size(os.fstat(fd).st_size)
 
     @property
     def size(self) -> int:
@@ -32,7 +33,7 @@ class RawImage(Image):
         return 512
 
     def reload(self) -> None:
-        self._size = _sectors(os.fstat(self.fd).st_size)
+        self._size = round_size(os.fstat(self.fd).st_size)
 
     def map_range(self, start: int, end: int) -> list[tuple[int, int, int, object]]:
         end = min(end, self._size)
@@ -102,7 +103,7 @@ class RawImage(Image):
             self._synced_generation = self._data_generation
 
     def resize(self, new_size: int, *, thick: bool = False) -> None:
-        new_size = _sectors(new_size)
+        new_size = round_size(new_size)
         if new_size < self._size:
             raise NotPermitted(f"{self.name}: shrinking a volume is not supported")
         if not self.writable:
@@ -118,8 +119,6 @@ class RawImage(Image):
         self._size = new_size
 
 
-def _sectors(size: int) -> int:
-    return -(-size // 512) * 512
 
 
 FALLOC_FL_KEEP_SIZE = 0x01

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import sys
 from array import array
@@ -96,11 +95,9 @@ def write_all(fd: int, data, offset: int, name: str) -> None:
 
 def write_error(exc: OSError, name: str, doing: str = "write"):
     """The domain error for a failed write (or `doing="sync"`) of an image."""
-    from vfsnap.errors import NoSpace, VfsnapError
+    from vfsnap.errors import share_error
 
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return NoSpace(f"{name}: no space left on the share ({exc.strerror})")
-    return VfsnapError(f"{name}: {doing} failed: {exc.strerror}", errno=exc.errno or errno.EIO)
+    return share_error(exc, f"{name}: {doing} failed")
 
 
 def sync(fd: int, name: str) -> None:

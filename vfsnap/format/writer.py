@@ -12,6 +12,7 @@ from array import array
 import attrs
 
 from vfsnap.errors import CorruptImage, NotPermitted, ReadOnly, VfsnapError
+from vfsnap.format.create import round_size
 from vfsnap.format.header import INCOMPAT_DIRTY, MAX_L1_BYTES, Qcow2Header, read_header, serialize_header_area, with_backing
 from vfsnap.format.tables import (
     ALL_SUBCLUSTERS_ALLOCATED,
@@ -310,7 +311,7 @@ class Qcow2Writer:
 
         The size is rounded up to whole 512-byte sectors, as qemu-img does.
         """
-        new_size = -(-new_size // 512) * 512
+        new_size = round_size(new_size)
         if new_size < self.size:
             raise NotPermitted(f"{self.name}: shrinking a volume is not supported")
         if new_size == self.size:

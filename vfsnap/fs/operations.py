@@ -67,12 +67,30 @@ def fuse_error(exc: BaseException, where: str) -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(errno.EIO)
 
 
+def is_stale(exc: BaseException) -> bool:
+    """ESTALE from the share: a file another host replaced (retried once, never answered)."""
+    return isinstance(exc, (OSError, VfsnapError)) and exc.errno == errno.ESTALE
+
+
+# Handlers that change nothing, so that a second run after ESTALE is safe.
+RETRIED_ON_STALE = frozenset({"lookup", "getattr", "readlink", "opendir", "readdir", "open", "getxattr",
+                              "listxattr", "statfs"})
+
+
 def handler(func):
-    """Wrap a handler so that only FUSEError leaves it."""
+    """Wrap a handler so that only FUSEError leaves it; one that changes nothing is run once
+    more after ESTALE, with the share's names looked up afresh."""
+    retried = func.__name__ in RETRIED_ON_STALE
 
     @functools.wraps(func)
     async def wrapper(self, *args):
         try:
+            return await func(self, *args)
+        except Exception as exc:  # noqa: BLE001 - this is the error boundary
+            if not (retried and is_stale(exc)):
+                raise fuse_error(exc, func.__name__) from None
+        try:
+            self.pool.forget_stale_handles()
             return await func(self, *args)
         except Exception as exc:  # noqa: BLE001 - this is the error boundary
             raise fuse_error(exc, func.__name__) from None
@@ -393,6 +411,12 @@ class VfsnapOperations(pyfuse3.Operations):
             return self._handles[fh].view.read(off, size, transient=True)
         except Exception as exc:  # noqa: BLE001 - error boundary
             handle = self._handles.get(fh)
+            if handle is not None and handle.volume is not None and is_stale(exc):
+                try:  # an image replaced on the share: once more, by name
+                    handle.volume.forget_stale_images()
+                    return handle.view.read(off, size, transient=True)
+                except Exception as again:  # noqa: BLE001 - error boundary
+                    exc = again
             raise fuse_error(exc, f"read {handle.key if handle else fh} at {off}+{size}") from None
 
     async def write(self, fh, off, buf):
@@ -643,6 +667,8 @@ class VfsnapOperations(pyfuse3.Operations):
             except Exception:  # noqa: BLE001 - a broken share file must not take the mount down
                 log.exception("looking for interrupted operations")
                 pending = []
+            # Tests wait for this line (the first scan of the share done), and so can an operator.
+            log.info("background tasks running; %d volume(s) with interrupted operations", len(pending))
             for volume in pending:
                 self.start_merges(volume)
             interval = self.pool.options.metadata_flush_interval

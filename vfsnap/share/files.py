@@ -9,15 +9,43 @@ fsync of the directory, as DESIGN.md section 1 requires.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
+import mmap
 import os
 import secrets
 import stat
 
-from vfsnap.errors import CorruptImage, NoSpace, NotFound, VfsnapError
+from vfsnap.errors import CorruptImage, NotFound, VfsnapError, share_error
 from vfsnap.names import TEMP_PREFIX
 
 log = logging.getLogger(__name__)
+
+
+def retry_stale(operation):
+    """Run `operation` of a ShareDir; on ESTALE, re-resolve the share directory and run it once
+    more, by name (docs/design-notes.md, "Several hosts on one share").
+
+    NFS and GlusterFS answer ESTALE for a handle of a file another host replaced (`.info` or a
+    sidecar renamed over, an overlay deleted by a merge) while the kernel still has the old one
+    cached; as an NFS client does, the call is repeated by path, which looks the name up afresh.
+    """
+
+    @functools.wraps(operation)
+    def retrying(self, *args, **kwargs):
+        try:
+            return operation(self, *args, **kwargs)
+        except OSError as exc:
+            if exc.errno != errno.ESTALE:
+                raise
+        except VfsnapError as exc:
+            if exc.errno != errno.ESTALE:
+                raise
+        log.debug("%s: stale file handle in %s%s; retried by name", self.path, operation.__name__, args[:1])
+        self.reresolve()
+        return operation(self, *args, **kwargs)
+
+    return retrying
 
 
 class ShareDir:
@@ -25,6 +53,9 @@ class ShareDir:
 
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
+        # Set by the share when it is a network filesystem: small documents (`.info`, sidecars)
+        # are then read with O_DIRECT, past the client's page and content caches.
+        self.uncached_reads = False
         try:
             self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
         except FileNotFoundError:
@@ -33,9 +64,31 @@ class ShareDir:
     def close(self) -> None:
         os.close(self.fd)
 
+    def reresolve(self) -> list[str] | None:
+        """Make the kernel look the share's names up afresh: open the directory again by its
+        path (its own handle may be the stale one) and list it. A listing refreshes every name
+        the kernel has cached (FUSE's READDIRPLUS replaces an entry whose file changed; NFS
+        revalidates the directory), where a second open by the same name could be given the
+        same stale handle again (GlusterFS's open-behind answers an open before it looks).
+        Returns the listing (None when it failed)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            log.warning("%s: reopening the share directory: %s", self.path, exc.strerror)
+            return None
+        os.close(self.fd)
+        self.fd = fd
+        try:
+            return os.listdir(fd)
+        except OSError as exc:
+            log.warning("%s: listing the share directory: %s", self.path, exc.strerror)
+            return None
+
+    @retry_stale
     def listdir(self) -> list[str]:
         return os.listdir(self.fd)
 
+    @retry_stale
     def stat(self, name: str) -> os.stat_result | None:
         """lstat of `name`, or None when it does not exist."""
         _check_plain(name)
@@ -47,6 +100,7 @@ class ShareDir:
     def exists(self, name: str) -> bool:
         return self.stat(name) is not None
 
+    @retry_stale
     def open_regular(self, name: str, flags: int, mode: int = 0o644) -> int:
         """Open a regular file of the share; symlinks and other file types are refused."""
         _check_plain(name)
@@ -61,22 +115,52 @@ class ShareDir:
             if exc.errno in (errno.EISDIR, errno.ENXIO, errno.ENODEV, errno.EOPNOTSUPP):
                 raise CorruptImage(f"{name}: not a regular file ({exc.strerror})") from None
             raise _share_error(exc, name) from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        try:
+            regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        except OSError:
+            _close_quietly(fd)
+            raise
+        if not regular:
             os.close(fd)
             raise CorruptImage(f"{name}: not a regular file")
         os.set_blocking(fd, True)
         return fd
 
+    @retry_stale
     def read_small(self, name: str, limit: int = 1 << 20) -> bytes | None:
-        """Contents of a small document (at most `limit` bytes), or None when absent."""
+        """Contents of a small document (at most `limit` bytes), or None when absent.
+
+        On a network share, "absent" is checked by a listing first: a name the kernel still
+        maps to a file another host has just replaced (renamed over) can answer ENOENT, and a
+        `.info` read as absent under the chain lock would lose every snapshot."""
         try:
-            fd = self.open_regular(name, os.O_RDONLY)
+            fd = self.open_regular(name, os.O_RDONLY | (os.O_DIRECT if self.uncached_reads else 0))
         except NotFound:
-            return None
+            if not self.uncached_reads:
+                return None
+            listing = self.reresolve()
+            if listing is not None and name not in listing:
+                return None
+            try:
+                fd = self.open_regular(name, os.O_RDONLY | os.O_DIRECT)
+            except NotFound:
+                return None
+        except VfsnapError as exc:
+            if exc.errno != errno.EINVAL or not self.uncached_reads:
+                raise
+            # A filesystem that refuses O_DIRECT: nothing to bypass there.
+            self.uncached_reads = False
+            return self.read_small(name, limit)
         try:
-            data = os.read(fd, limit + 1)
+            data = _read_direct(fd, limit + 1) if self.uncached_reads else os.read(fd, limit + 1)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                # Opened, then replaced by another host before the read (GlusterFS answers the
+                # read of a file unlinked elsewhere with ENOENT): a stale handle, read again by name.
+                raise OSError(errno.ESTALE, f"{name}: replaced while being read") from None
+            raise
         finally:
-            os.close(fd)
+            _close_quietly(fd)  # only read: a failed close loses nothing
         if len(data) > limit:
             raise CorruptImage(f"{name}: larger than {limit} bytes")
         return data
@@ -139,12 +223,29 @@ class ShareDir:
         return removed
 
 
+def _read_direct(fd: int, size: int) -> bytes:
+    """Read up to `size` bytes from offset 0 of a descriptor opened with O_DIRECT, into a
+    page-aligned buffer of whole pages (what O_DIRECT may require)."""
+    buffer = mmap.mmap(-1, -(-size // mmap.PAGESIZE) * mmap.PAGESIZE)
+    try:
+        length = os.preadv(fd, [buffer], 0)
+        return buffer[: min(length, size)]
+    finally:
+        buffer.close()
+
+
+def _close_quietly(fd: int) -> None:
+    """Close a descriptor that already failed (the descriptor is freed even when close fails)."""
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
 def _check_plain(name: str) -> None:
     if not name or "/" in name or name in (".", "..") or "\0" in name:
         raise CorruptImage(f"{name!r} is not a plain file name on the share")
 
 
 def _share_error(exc: OSError, name: str) -> VfsnapError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return NoSpace(f"{name}: share is full ({exc.strerror})")
-    return VfsnapError(f"{name}: {os.strerror(exc.errno or errno.EIO)}", errno=exc.errno or errno.EIO)
+    return share_error(exc, name)

@@ -51,7 +51,16 @@ class VolumeLocks:
         if byte in self.held:
             return True
         try:
-            fcntl.fcntl(self._descriptor(), fcntl.F_OFD_SETLK, _flock(fcntl.F_WRLCK, byte))
+            try:
+                fcntl.fcntl(self._descriptor(), fcntl.F_OFD_SETLK, _flock(fcntl.F_WRLCK, byte))
+            except OSError as exc:
+                if exc.errno != errno.ESTALE or self.held:
+                    raise
+                # The base file was replaced on the share (and nothing is held on the old one):
+                # lock the file that is there now, by name.
+                self.close()
+                self.share_dir.reresolve()
+                fcntl.fcntl(self._descriptor(), fcntl.F_OFD_SETLK, _flock(fcntl.F_WRLCK, byte))
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.EACCES):
                 if not self.held:
@@ -127,6 +136,16 @@ class ChainChange:
                 volume.reload_all()  # another host may have written any of it before we locked
             if volume.needs_recovery:
                 volume.finish_journal()
+            volume.chain_changing = True
+            try:
+                volume.sync_qemu_locks(strict=True)  # EBUSY while a QEMU process uses the images
+            except BaseException:
+                volume.chain_changing = False
+                volume.sync_qemu_locks()
+                if not volume.writers:
+                    locks.unlock(WRITER)
+                locks.unlock(CHAIN)
+                raise
         except BaseException:
             volume.chain_lock.release()
             raise
@@ -135,6 +154,9 @@ class ChainChange:
     async def __aexit__(self, *exc_info):
         volume = self.volume
         try:
+            if volume.chain_changing:
+                volume.chain_changing = False
+                volume.sync_qemu_locks()
             if not volume.share.read_only:
                 if not volume.writers:
                     volume.locks.unlock(WRITER)  # ours, or a writer's who left meanwhile

@@ -102,11 +102,5 @@ def provisioned_bytes(path: str) -> int:
 
 def share_usage(path: str) -> ShareUsage:
     """Measure one share directory (statvfs and a walk of its files)."""
-    st = os.statvfs(path)
-    capacity = Capacity(
-        total=st.f_blocks * st.f_frsize,
-        free=st.f_bfree * st.f_frsize,
-        available=st.f_bavail * st.f_frsize,
-        block_size=st.f_frsize,
-    )
+    capacity = Capacity.of(os.statvfs(path))
     return ShareUsage(path=path, capacity=capacity, provisioned=provisioned_bytes(path))

@@ -124,6 +124,13 @@ class Pool:
                 out += operations(volume) + clone.operations(volume)
         return out
 
+    def forget_stale_handles(self) -> None:
+        """After ESTALE: every share's names looked up afresh, every volume's chain reopened
+        where that is safe (`Volume.forget_stale_images`)."""
+        for share in self.shares:
+            for volume in share.open_volumes():
+                volume.forget_stale_images()
+
     def volumes_needing_recovery(self) -> list[Volume]:
         return [v for share in self.shares for v in share.open_volumes() if v.needs_recovery]
 

@@ -26,6 +26,7 @@ import attrs
 
 from vfsnap.errors import VfsnapError
 from vfsnap.options import MountOptions
+from vfsnap.share.mounts import GLUSTER_COHERENT_OPTIONS, mounted_at
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ def ensure_mounted(entry: ShareEntry, fstype: str, options: MountOptions) -> str
 # Several hosts read what one wrote (`.info` renamed into place, images written elsewhere): the
 # glusterfs FUSE client must not answer from the kernel's caches of names, attributes or pages
 # (a page of a base image read here before another host wrote it would stay stale).
-GLUSTERFS_COHERENCE_OPTIONS = ("attribute-timeout=0", "entry-timeout=0", "negative-timeout=0", "direct-io-mode=enable")
+GLUSTERFS_COHERENCE_OPTIONS = tuple(f"{name}={value}" for name, value in GLUSTER_COHERENT_OPTIONS.items())
 
 
 def _mount_options(fstype: str, configured: str | None) -> str | None:
@@ -225,21 +226,8 @@ def _kernel_has(filesystems: tuple[str, ...]) -> bool:
 
 def mounted_source(path: str) -> str | None:
     """What is mounted on `path` according to /proc/mounts (the last mount wins), or None."""
-    source = None
-    try:
-        with open("/proc/mounts") as mounts:
-            for line in mounts:
-                fields = line.split()
-                if len(fields) > 2 and _unescape(fields[1]) == path:
-                    source = _unescape(fields[0])
-    except OSError:
-        return None
-    return source
-
-
-def _unescape(field: str) -> str:
-    """Undo the octal escapes of /proc/mounts (`\\040` for a space, ...)."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+    entry = mounted_at(path)
+    return None if entry is None else entry.source
 
 
 def _search_path() -> str:

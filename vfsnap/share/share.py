@@ -7,16 +7,15 @@ kept until it changes. Nothing of a volume is opened before the volume is used.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 
 import attrs
 
-from vfsnap.errors import AlreadyExists, Busy, NoSpace, NotFound, ReadOnly, VfsnapError
+from vfsnap.errors import AlreadyExists, Busy, NotFound, ReadOnly, VfsnapError, share_error
 from vfsnap.chain.view import MapBudget
 from vfsnap.format import TableCache
-from vfsnap.format.create import create_qcow2
+from vfsnap.format.create import create_qcow2, round_size
 from vfsnap.names import (
     SIDECAR_SUFFIX,
     check_volume_name,
@@ -28,6 +27,7 @@ from vfsnap.options import MountOptions
 from vfsnap.share.files import ShareDir
 from vfsnap.share.index import ShareIndex
 from vfsnap.share.info import Sidecar
+from vfsnap.share.mounts import coherence_warnings, mount_holding
 from vfsnap.share.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,11 @@ class Capacity:
     free: int  # bytes free for root
     available: int  # bytes free for unprivileged users
     block_size: int
+
+    @classmethod
+    def of(cls, st: os.statvfs_result) -> "Capacity":
+        return cls(total=st.f_blocks * st.f_frsize, free=st.f_bfree * st.f_frsize,
+                   available=st.f_bavail * st.f_frsize, block_size=st.f_frsize)
 
 
 class Share:
@@ -55,6 +60,10 @@ class Share:
         self.network = filesystem_type(self.path) in NETWORK_FILESYSTEMS
         self.index = ShareIndex(self.dir)
         self.recovery_pending = False  # the mount's recovery has not yet seen every journal
+        self.dir.uncached_reads = self.network  # `.info` and sidecars past the client's caches
+        if self.network:
+            for warning in coherence_warnings(self.path):
+                log.warning("%s", warning)
 
     @property
     def read_only(self) -> bool:
@@ -212,7 +221,7 @@ class Share:
             if self.dir.exists(file_name):
                 raise AlreadyExists(f"{file_name} already exists on {self.path}")
         image_format = self.options.volume_format
-        size = -(-size // 512) * 512  # whole sectors, as QEMU sees any disk
+        size = round_size(size)  # whole sectors, as QEMU sees any disk
         try:
             fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode & 0o7777,
                          dir_fd=self.dir.fd)
@@ -235,9 +244,7 @@ class Share:
             self.dir.write_atomic(sidecar_file(name), Sidecar(base_format=image_format).to_json())
         except OSError as exc:
             self.dir.unlink(name)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise NoSpace(f"no space on {self.path} for volume {name}") from None
-            raise
+            raise share_error(exc, f"creating volume {name} on {self.path}") from None
         except VfsnapError:
             self.dir.unlink(name)
             raise
@@ -274,33 +281,16 @@ class Share:
     # -- capacity -------------------------------------------------------------------------
 
     def capacity(self) -> Capacity:
-        st = self.dir.statvfs()
-        return Capacity(
-            total=st.f_blocks * st.f_frsize,
-            free=st.f_bfree * st.f_frsize,
-            available=st.f_bavail * st.f_frsize,
-            block_size=st.f_frsize,
-        )
+        return Capacity.of(self.dir.statvfs())
 
 
 NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "fuse.glusterfs", "glusterfs", "ceph", "cifs", "smb3", "9p"})
 
 
 def filesystem_type(path: str) -> str:
-    """The type of the filesystem holding `path`, from /proc/mounts (longest mountpoint)."""
-    best, kind = "", ""
-    try:
-        with open("/proc/mounts") as mounts:
-            for line in mounts:
-                fields = line.split()
-                if len(fields) < 3:
-                    continue
-                point = fields[1].replace("\\040", " ")
-                if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
-                    best, kind = point, fields[2]
-    except OSError:
-        pass
-    return kind
+    """The type of the filesystem holding `path` ("" when unknown)."""
+    entry = mount_holding(path)
+    return "" if entry is None else entry.kind
 
 
 @contextlib.contextmanager

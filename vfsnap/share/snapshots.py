@@ -192,6 +192,8 @@ def _refuse_if_pinned(volume, overlay: str, what: str) -> None:
 async def _run_entry(volume, entry: dict) -> None:
     try:
         await _delete(volume, entry)
+    except Busy:
+        raise  # a QEMU process holds an image: run_pending tries again later
     except (VfsnapError, OSError) as exc:
         # Leave the entry: the snapshot stays hidden, `vfsnap status` shows the failure, and
         # the next mount (or `vfsnap sync --retry`) tries again.

@@ -19,13 +19,15 @@ import trio
 
 from vfsnap.chain.backing import ChainRules, backing_chain
 from vfsnap.chain.view import View
-from vfsnap.errors import CorruptImage, NotFound, NotPermitted, VfsnapError
+from vfsnap.errors import Busy, CorruptImage, NotFound, NotPermitted, VfsnapError
 from vfsnap.format import Image, Qcow2Image, open_image, probe_format
-from vfsnap.format.header import MAGIC
+from vfsnap.format.create import round_size
+from vfsnap.format.header import MAGIC, read_header
 from vfsnap.format.tables import write_error
 from vfsnap.names import info_file, sidecar_file
 from vfsnap.share.info import Sidecar, VolumeInfo, parse_info, parse_sidecar
 from vfsnap.share.locks import VolumeLocks
+from vfsnap.share.qemu_locks import READING, UNUSED, WRITING, ImageLocks, ImageUse
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,7 @@ async def sync_data(image: Image, min_bytes: int = SYNC_ON_WORKER_BYTES) -> None
 
 # How long a `.info` read is trusted before it is read again (another host may change it;
 # reading the content, not trusting mtimes, also works under NFS attribute caching).
-INFO_RECHECK_SECONDS = 0.5
+INFO_RECHECK_SECONDS = 0.25  # + the share's own delay: within the 1 s listing bound (docs)
 
 
 class Volume:
@@ -91,6 +93,8 @@ class Volume:
         self.writers = 0
         self.open_snapshots: Counter[str] = Counter()
         self.locks = VolumeLocks(share.dir, name)
+        self.image_locks = ImageLocks(share.dir, name)  # QEMU's locks on the images (qemu_locks.py)
+        self.chain_changing = False  # set by ChainChange while it holds the share's locks
         # Chain changes of this volume happen one at a time (DESIGN.md section 3).
         self.chain_lock = trio.Lock()
         # The merge running now, for `vfsnap status` (set by vfsnap.share.snapshots).
@@ -168,7 +172,7 @@ class Volume:
         else:
             image_format = self._probe_base()  # what the first meeting will record
         if image_format == "raw":
-            size = -(-st.st_size // 512) * 512
+            size = round_size(st.st_size)
         else:
             fd = self.share.dir.open_regular(name, os.O_RDONLY)
             try:
@@ -314,6 +318,7 @@ class Volume:
         if image is not None and image.format == image_format and (image.writable or not writable):
             return image
         image = self._open_file(name, image_format, writable=writable)
+        self._lock_for_qemu(name, image)
         old = self._images.pop(name, None)
         if old is not None:
             self._retire(old)
@@ -339,6 +344,7 @@ class Volume:
             # write back) a dirty mark the old one is about to clear.
             old.close_writes()
         image = self._open_file(name, self.format_of(name), writable=writable)
+        self._lock_for_qemu(name, image)
         self._images[name] = image
         if old is not None:
             for view in self._views():
@@ -386,6 +392,7 @@ class Volume:
         used = {img.name for view in self._views() for img in view.images} | {info.active}
         for name in [n for n in self._images if n not in used]:
             self._retire(self._images.pop(name))
+        self.sync_qemu_locks()
 
     # -- snapshots as the tree shows them -------------------------------------------------
 
@@ -482,12 +489,12 @@ class Volume:
         for name in self.files():
             fd = self.share.dir.open_regular(name, os.O_RDONLY)
             try:
-                head = os.pread(fd, 80, 0)
+                dirty = read_header(fd, os.fstat(fd).st_size, name=name).dirty
+            except VfsnapError:
+                continue  # not a qcow2 image vfsnap can repair: it fails on use, with its error
             finally:
                 os.close(fd)
-            if len(head) < 80 or head[:4] != MAGIC or int.from_bytes(head[4:8], "big") < 3:
-                continue
-            if not int.from_bytes(head[72:80], "big") & 1:
+            if not dirty:
                 continue
             # Asked only now, of a file that looks like a dirty qcow2 image: a raw disk whose
             # guest wrote such a header is still raw (invariant 4).
@@ -519,6 +526,63 @@ class Volume:
             self.needs_recovery = False
         except (VfsnapError, OSError) as exc:
             log.warning("%s: journal still cannot be cleared: %s", self.name, exc)
+
+    def forget_stale_images(self) -> None:
+        """After ESTALE from an image (another host or an admin replaced or deleted the file):
+        look the share's names up afresh and reopen the chain by name, so that a retried
+        request reads the files that are there now. Not while this host writes the volume or
+        changes its chain: then nobody else may replace its files (DESIGN.md invariant 7)."""
+        self.share.dir.reresolve()
+        if self.writers or self.chain_changing or self.chain_lock.locked():
+            return
+        log.info("%s: a file of the volume was replaced on the share (stale file handle); reopening its images",
+                 self.name)
+        self.refresh()
+        # One image after the other, each swapped into the views only once its new descriptor
+        # is open: a failure midway leaves every view with open (if old) images.
+        for name, image in list(self._images.items()):
+            self.reopen(name, writable=image.writable)
+
+    # -- QEMU's image locks ---------------------------------------------------------------
+
+    def _qemu_use(self, name: str, image: Image | None) -> ImageUse:
+        """How QEMU's locks describe what this host does with image `name` now: written while
+        the volume is open for writing here or its chain changes (then only the images opened
+        read-write: the active one, a merge's target); read (nobody may change it) while a file
+        of the volume is open or its chain changes, except the active image, which another
+        vfsnap host may write when this one does not (DESIGN.md invariant 7 keeps them apart)."""
+        if image is None:
+            return UNUSED
+        if image.writable and (self.writers or self.chain_changing):
+            return WRITING
+        if (self.open_count or self.chain_changing) and (self._info is None or name != self._info.active):
+            return READING
+        return UNUSED
+
+    def _lock_for_qemu(self, name: str, image: Image) -> None:
+        """Take QEMU's locks for a newly opened image; Busy (the image closed) when a QEMU
+        process's use conflicts."""
+        try:
+            self.image_locks.set(name, self._qemu_use(name, image))
+        except BaseException:
+            image.close()
+            raise
+
+    def sync_qemu_locks(self, *, strict: bool = False) -> None:
+        """Bring QEMU's locks on every image in line with what this host does with it now.
+
+        Strict: the first conflict raises Busy (when something starts: an open, a chain change);
+        else a conflict is logged and that image keeps its locks (when something ends)."""
+        for name in set(self._images) | set(self.image_locks.names()):
+            try:
+                self.image_locks.set(name, self._qemu_use(name, self._images.get(name)))
+            except Busy:
+                if strict:
+                    raise
+            except (VfsnapError, OSError) as exc:
+                if strict:
+                    raise
+                log.warning("%s: QEMU's locks on %s: %s", self.name, name, exc)
 
     # -- lifetime -------------------------------------------------------------------------
 
@@ -557,6 +621,16 @@ class Volume:
         self.open_count += 1
         if writing:
             self.writers += 1
+        try:
+            self.sync_qemu_locks(strict=True)  # EBUSY while a QEMU process writes the images
+        except Busy:
+            self.open_count -= 1
+            if writing:
+                self.writers -= 1
+                if not self.writers and not self.chain_lock.locked():
+                    self.locks.release_writer()
+            self.sync_qemu_locks()
+            raise
         if snapshot is not None:
             self.open_snapshots[snapshot] += 1
 
@@ -606,6 +680,7 @@ class Volume:
             for image in self._retired:
                 image.close()
             self._retired.clear()
+        self.sync_qemu_locks()
 
     def close(self) -> None:
         if self.needs_recovery and not self.share.read_only:
@@ -623,4 +698,5 @@ class Volume:
         self._retired.clear()
         self._live_view = None
         self._snapshot_views.clear()
+        self.image_locks.close()
         self.locks.close()

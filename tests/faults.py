@@ -1,9 +1,10 @@
 """Test-only fault injection: crash, or fail, at the N-th operation vfsnap issues to the share.
 
-Nothing here runs unless a test asks for it: `vfsnap mount` calls `install_from_environment`,
-which does nothing without the `VFSNAP_FAULTS` variable. The crash tests use it to stop the
-daemon after every single write, fsync and rename of an operation in turn (DESIGN.md invariant
-3), and to make the share fail with ENOSPC or EIO in the middle of a merge or a write.
+It lives with the tests, never in the package: a daemon gets it only when a test starts it
+through `tests/fault_launcher.py` (`python -m tests.fault_launcher mount ...`), which installs the
+plan named by `VFSNAP_FAULTS` and then runs vfsnap's own `main`. The crash tests use it to stop
+the daemon after every single write, fsync and rename of an operation in turn (DESIGN.md
+invariant 3), and to make the share fail with ENOSPC or EIO in the middle of a merge or a write.
 
     VFSNAP_FAULTS=crash:N            SIGKILL the process right after the N-th counted operation
     VFSNAP_FAULTS=error:N:ENOSPC     the N-th counted operation fails with that errno instead
@@ -70,7 +71,7 @@ _installed: FaultPlan | None = None
 
 
 def install_from_environment() -> FaultPlan | None:
-    """Install the plan named by VFSNAP_FAULTS, if any (tests only)."""
+    """Install the plan named by VFSNAP_FAULTS, if any."""
     global _installed
     spec = os.environ.get("VFSNAP_FAULTS")
     if not spec:
