@@ -263,7 +263,13 @@ class Revert(Scenario):
         for name in names:
             assert read_view(volume.snapshot_view(name)) == self.snapshot_contents[int(name[1:]) - 1], name
         expected = {VOLUME, f"{VOLUME}.info", f"{VOLUME}.vfsnap.json", *(f"{VOLUME}.{n}" for n in names)}
-        assert set(os.listdir(share)) == expected
+        listed = set(os.listdir(share))
+        if not reverted:
+            # Rolled back before anything was kept: the volume's record (sidecar) is written at
+            # its first change (issue 13), and a crash before that leaves none, rightly.
+            if f"{VOLUME}.vfsnap.json" not in listed:
+                expected.discard(f"{VOLUME}.vfsnap.json")
+        assert listed == expected
 
 
 SCENARIOS = [
