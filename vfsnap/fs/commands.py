@@ -21,6 +21,7 @@ import pyfuse3
 import trio
 
 from vfsnap.errors import InvalidName, NotFound, ReadOnly
+from vfsnap.fs.tree import Node, SnapshotDir, SnapshotFile, VolumeFile, VolumesDir, VolumeSnapshotsDir
 from vfsnap.share import clone, revert
 from vfsnap.share.locks import ChainChange
 
@@ -31,8 +32,9 @@ REVERT_XATTR = "user.vfsnap.revert"
 MAX_REQUEST = 4096
 
 
-def handles(key: tuple, name: str) -> bool:
-    return (key[0] == "volumes" and name == CLONE_XATTR) or (key[0] == "snapdir" and name == REVERT_XATTR)
+def handles(node: Node, name: str) -> bool:
+    return (isinstance(node, VolumesDir) and name == CLONE_XATTR) or (
+        isinstance(node, VolumeSnapshotsDir) and name == REVERT_XATTR)
 
 
 def _request(value: bytes, fields: dict) -> dict:
@@ -51,13 +53,13 @@ def _request(value: bytes, fields: dict) -> dict:
     return document
 
 
-async def run(ops, key: tuple, name: str, value: bytes) -> None:
+async def run(ops, node: Node, name: str, value: bytes) -> None:
     if ops.pool.read_only:
         raise ReadOnly("read-only mount")
     if name == CLONE_XATTR:
         await _clone(ops, _request(value, {"source": str, "snapshot": (str, type(None)), "name": str}))
     else:
-        await _revert(ops, key[1], _request(value, {"snapshot": str, "destroy_newer": bool}))
+        await _revert(ops, node.volume, _request(value, {"snapshot": str, "destroy_newer": bool}))
 
 
 async def _clone(ops, request: dict) -> None:
@@ -65,7 +67,7 @@ async def _clone(ops, request: dict) -> None:
     source = pool.volume(request["source"])
     async with ChainChange(source):
         volume = clone.create_clone(pool, source, request["snapshot"], request["name"])
-    ops.inodes.retire(("volume", volume.name))  # a fresh inode: never the pages of an older one
+    ops.inodes.retire(VolumeFile(volume.name))  # a fresh inode: never the pages of an older one
     start_copy(ops, volume)
 
 
@@ -102,9 +104,9 @@ async def _revert(ops, volume_name: str, request: dict) -> None:
     async with ChainChange(volume):
         destroyed = revert.revert(volume, snapshot, destroy_newer=request["destroy_newer"])
     for gone in destroyed:
-        ops.inodes.retire(("snapshot", volume_name, gone))
-        ops.inodes.retire(("snapfile", volume_name, gone))
-    ino = ops.inodes.known(("volume", volume_name))
+        ops.inodes.retire(SnapshotDir(volume_name, gone))
+        ops.inodes.retire(SnapshotFile(volume_name, gone))
+    ino = ops.inodes.known(VolumeFile(volume_name))
     if ino is not None:
         await trio.to_thread.run_sync(_invalidate, ino)
 

@@ -14,6 +14,7 @@ import pyfuse3
 
 from vfsnap import __version__
 from vfsnap.fs import extents
+from vfsnap.fs.tree import ControlFile, ImageNode, Node, VolumeFile
 
 PREFIX = "user.vfsnap."
 
@@ -22,17 +23,17 @@ VOLUME_ATTRIBUTES = ("share", "format", "active", "chain", "allocated", "size")
 SNAPSHOT_ATTRIBUTES = ("share", "format", "created", "overlay", "chain", "allocated", "size")
 
 
-def _volume_attributes(pool, key: tuple) -> dict[str, str]:
-    volume = pool.volume(key[1])
+def _volume_attributes(pool, node: ImageNode) -> dict[str, str]:
+    volume = pool.volume(node.volume)
     attrs: dict[str, str] = {"share": volume.share.path, "format": volume.sidecar().base_format}
-    if key[0] == "volume":
+    if isinstance(node, VolumeFile):
         view = volume.live_view()
         attrs["active"] = volume.info().active
     else:
-        view = volume.snapshot_view(key[2])
-        created = volume.snapshot_created(key[2])
+        view = volume.snapshot_view(node.snapshot)
+        created = volume.snapshot_created(node.snapshot)
         attrs["created"] = datetime.datetime.fromtimestamp(created, datetime.timezone.utc).isoformat()
-        attrs["overlay"] = volume.info().snapshots[key[2]]
+        attrs["overlay"] = volume.info().snapshots[node.snapshot]
     attrs["chain"] = " <- ".join(image.name for image in view.images)
     attrs["allocated"] = str(view.allocated_bytes())
     attrs["size"] = str(view.size)
@@ -66,33 +67,33 @@ def status(pool) -> dict:
             "recovering": pool.recovering}
 
 
-def attribute_names(pool, key: tuple) -> list[str]:
-    if key[0] == "control":
+def attribute_names(pool, node: Node) -> list[str]:
+    if isinstance(node, ControlFile):
         return [PREFIX + "status", PREFIX + "version"]
-    if key[0] in ("volume", "snapfile", "snapshot"):
+    if isinstance(node, ImageNode):
         # Names only: listing them (`ls -l` asks, for ACLs) must not open the volume.
-        pool.volume(key[1])
-        names = VOLUME_ATTRIBUTES if key[0] == "volume" else SNAPSHOT_ATTRIBUTES
+        pool.volume(node.volume)
+        names = VOLUME_ATTRIBUTES if isinstance(node, VolumeFile) else SNAPSHOT_ATTRIBUTES
         return [PREFIX + name for name in names]
     return []
 
 
-def get_attribute(pool, key: tuple, name: str) -> bytes:
+def get_attribute(pool, node: Node, name: str) -> bytes:
     if extents.is_request(name):  # `vfsnap map` / `vfsnap diff` pages (vfsnap.fs.extents)
-        value = extents.answer(pool, key, name)
+        value = extents.answer(pool, node, name)
         if value is not None:
             return value
-    if key[0] == "control":
+    if isinstance(node, ControlFile):
         if name == PREFIX + "status":
             return json.dumps(status(pool), indent=1, sort_keys=True).encode()
         if name == PREFIX + "version":
             return __version__.encode()
-    elif key[0] in ("volume", "snapfile", "snapshot") and name.startswith(PREFIX):
-        value = _volume_attributes(pool, key).get(name[len(PREFIX) :])
+    elif isinstance(node, ImageNode) and name.startswith(PREFIX):
+        value = _volume_attributes(pool, node).get(name[len(PREFIX) :])
         if value is not None:
             return value.encode()
     raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
 
-def set_attribute(pool, key: tuple, name: str, value: bytes) -> None:
+def set_attribute(pool, node: Node, name: str, value: bytes) -> None:
     raise pyfuse3.FUSEError(errno.EPERM)

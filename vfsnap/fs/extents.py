@@ -24,6 +24,7 @@ import json
 
 from vfsnap.chain.allocation import diff_extents, paged, view_map
 from vfsnap.errors import VfsnapError
+from vfsnap.fs.tree import ImageNode, Node, VolumeFile
 
 MAP_PREFIX = "user.vfsnap.map."
 DIFF_PREFIX = "user.vfsnap.diff."
@@ -35,9 +36,9 @@ def is_request(name: str) -> bool:
     return name.startswith((MAP_PREFIX, DIFF_PREFIX))
 
 
-def answer(pool, key: tuple, name: str) -> bytes | None:
-    """The page `name` asks for of the file `key` names; None when `name` is no such request."""
-    if key[0] not in ("volume", "snapfile", "snapshot"):
+def answer(pool, node: Node, name: str) -> bytes | None:
+    """The page `name` asks for of the file `node` names; None when `name` is no such request."""
+    if not isinstance(node, ImageNode):
         return None
     is_map = name.startswith(MAP_PREFIX)
     fields = name[len(MAP_PREFIX if is_map else DIFF_PREFIX) :].split(".")
@@ -46,10 +47,10 @@ def answer(pool, key: tuple, name: str) -> bytes | None:
     start = int(fields[0])
     since = fields[1] if len(fields) == 2 else None
     try:
-        volume = pool.volume(key[1])
-        view = volume.live_view() if key[0] == "volume" else volume.snapshot_view(key[2])
+        volume = pool.volume(node.volume)
+        view = volume.live_view() if isinstance(node, VolumeFile) else volume.snapshot_view(node.snapshot)
         images = list(view.images)
-        boundary = None if since is None else _boundary(volume, key, images, since)
+        boundary = None if since is None else _boundary(volume, node, images, since)
     except VfsnapError as exc:
         return _encode({"error": str(exc)})
     if is_map:
@@ -76,7 +77,7 @@ def answer(pool, key: tuple, name: str) -> bytes | None:
         limit //= 2
 
 
-def _boundary(volume, key: tuple, images: list, snapshot: str) -> int:
+def _boundary(volume, node: ImageNode, images: list, snapshot: str) -> int:
     """Index in `images` of the overlay of `snapshot`: the images from there up are what the view
     holds beyond the snapshot."""
     if not volume.has_snapshot(snapshot):
@@ -84,7 +85,7 @@ def _boundary(volume, key: tuple, images: list, snapshot: str) -> int:
     overlay = volume.info().snapshots[snapshot]
     names = [image.name for image in images]
     if overlay not in names:
-        this = "the live volume" if key[0] == "volume" else f"snapshot {key[2]}"
+        this = "the live volume" if isinstance(node, VolumeFile) else f"snapshot {node.snapshot}"
         raise VfsnapError(f"snapshot {snapshot} of {volume.name} is not older than {this}")
     return names.index(overlay)
 

@@ -1,10 +1,10 @@
 """Inode numbers for the tree: stable while a name exists, never reused for another object.
 
-Every node of the tree is named by a key: `("volume", vol)`, `("snapdir", vol)`,
-`("snapshot", vol, snap)`, `("snapfile", vol, snap)`, `("latest", vol)`. A key gets a number
-when first seen and keeps it; when the object is deleted its key is retired, so a new object
-with the same name gets a fresh number and the kernel can never serve the old one's cached
-pages for it. Numbers are freed once the kernel has forgotten them (lookup count zero).
+Every node of the tree is named by a node of `vfsnap.fs.tree` (`VolumeFile(vol)`,
+`SnapshotDir(vol, snap)`, ...). A node gets a number when first seen and keeps it; when the
+object is deleted its node is retired, so a new object with the same name gets a fresh number and
+the kernel can never serve the old one's cached pages for it. Numbers are freed once the kernel
+has forgotten them (lookup count zero).
 """
 
 from __future__ import annotations
@@ -13,40 +13,43 @@ import errno
 
 import pyfuse3
 
+from vfsnap.fs.tree import ControlFile, FixedNode, Node, RootDir, SnapshotsDir, VolumesDir
+
 ROOT = pyfuse3.ROOT_INODE
 VOLUMES = 2
 SNAPSHOTS = 3
 CONTROL = 4
 FIRST_DYNAMIC = 16
 
-FIXED_KEYS = {ROOT: ("root",), VOLUMES: ("volumes",), SNAPSHOTS: ("snapshots",), CONTROL: ("control",)}
+FIXED_NODES: dict[int, FixedNode] = {ROOT: RootDir(), VOLUMES: VolumesDir(), SNAPSHOTS: SnapshotsDir(),
+                                     CONTROL: ControlFile()}
 
 
 class InodeTable:
     def __init__(self):
-        self._by_key: dict[tuple, int] = {key: ino for ino, key in FIXED_KEYS.items()}
-        self._by_ino: dict[int, tuple] = dict(FIXED_KEYS)
+        self._by_node: dict[Node, int] = {node: ino for ino, node in FIXED_NODES.items()}
+        self._by_ino: dict[int, Node] = dict(FIXED_NODES)
         self._lookups: dict[int, int] = {}
         self._next = FIRST_DYNAMIC
 
-    def ino(self, key: tuple) -> int:
-        ino = self._by_key.get(key)
+    def ino(self, node: Node) -> int:
+        ino = self._by_node.get(node)
         if ino is None:
             ino = self._next
             self._next += 1
-            self._by_key[key] = ino
-            self._by_ino[ino] = key
+            self._by_node[node] = ino
+            self._by_ino[ino] = node
         return ino
 
-    def key(self, ino: int) -> tuple:
-        key = self._by_ino.get(ino)
-        if key is None:
+    def node(self, ino: int) -> Node:
+        node = self._by_ino.get(ino)
+        if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return key
+        return node
 
     def is_current(self, ino: int) -> bool:
-        key = self._by_ino.get(ino)
-        return key is not None and self._by_key.get(key) == ino
+        node = self._by_ino.get(ino)
+        return node is not None and self._by_node.get(node) == ino
 
     def looked_up(self, ino: int, count: int = 1) -> None:
         if ino >= FIRST_DYNAMIC:
@@ -61,26 +64,26 @@ class InodeTable:
         if ino >= FIRST_DYNAMIC and not self.is_current(ino):
             self._by_ino.pop(ino, None)
 
-    def retire(self, key: tuple) -> None:
-        """The object named `key` is gone; its number lives on only while the kernel holds it."""
-        ino = self._by_key.pop(key, None)
+    def retire(self, node: Node) -> None:
+        """The object `node` names is gone; its number lives on only while the kernel holds it."""
+        ino = self._by_node.pop(node, None)
         if ino is not None and not self._lookups.get(ino):
             self._by_ino.pop(ino, None)
 
-    def rekey(self, old: tuple, new: tuple) -> None:
+    def rename(self, old: Node, new: Node) -> None:
         """The object named `old` is now named `new` (a rename): it keeps its inode number,
         which the kernel has just moved to the new name."""
         self.retire(new)
-        ino = self._by_key.pop(old, None)
+        ino = self._by_node.pop(old, None)
         if ino is not None:
-            self._by_key[new] = ino
+            self._by_node[new] = ino
             self._by_ino[ino] = new
 
     def retire_where(self, predicate) -> None:
-        """Retire every dynamic key for which `predicate(key)` is true."""
-        for key in [k for k, ino in self._by_key.items() if ino >= FIRST_DYNAMIC and predicate(k)]:
-            self.retire(key)
+        """Retire every dynamic node for which `predicate(node)` is true."""
+        for node in [n for n, ino in self._by_node.items() if ino >= FIRST_DYNAMIC and predicate(n)]:
+            self.retire(node)
 
-    def known(self, key: tuple) -> int | None:
-        """The inode number of `key` if one was ever given out (the kernel may cache it)."""
-        return self._by_key.get(key)
+    def known(self, node: Node) -> int | None:
+        """The inode number of `node` if one was ever given out (the kernel may cache it)."""
+        return self._by_node.get(node)

@@ -23,6 +23,8 @@ import trio
 from vfsnap.errors import NotFound, VfsnapError
 from vfsnap.fs import commands, control
 from vfsnap.fs.inodes import CONTROL, ROOT, SNAPSHOTS, VOLUMES, InodeTable
+from vfsnap.fs.tree import (ControlFile, Directory, FixedNode, LatestLink, Node, RootDir, SnapshotDir, SnapshotFile,
+                            SnapshotNode, SnapshotsDir, VolumeFile, VolumesDir, VolumeSnapshotsDir, belongs_to, parent)
 from vfsnap.names import is_snapshot_name
 from vfsnap.share import snapshots
 from vfsnap.share.locks import ChainChange
@@ -99,14 +101,14 @@ def handler(func):
 
 
 class Handle:
-    __slots__ = ("view", "volume", "key", "writable", "snapshot", "sync")
+    __slots__ = ("view", "volume", "node", "writable", "snapshot", "sync")
 
-    def __init__(self, view, volume, key, writable=False, sync=False):
+    def __init__(self, view, volume, node: Node, writable=False, sync=False):
         self.view = view
         self.volume = volume
-        self.key = key
+        self.node = node
         self.writable = writable
-        self.snapshot = key[2] if key[0] == "snapfile" else None
+        self.snapshot = node.snapshot if isinstance(node, SnapshotFile) else None
         # O_DSYNC/O_SYNC: with direct_io the kernel sends no fsync after such writes, so
         # every write of this handle is made durable before it is acknowledged.
         self.sync = sync
@@ -115,11 +117,11 @@ class Handle:
 class DirHandle:
     """An open directory: the entries listed at its first readdir, served in batches."""
 
-    __slots__ = ("key", "entries", "offsets")
+    __slots__ = ("node", "entries", "offsets")
 
-    def __init__(self, key: tuple):
-        self.key = key
-        self.entries: list[tuple[int, str, tuple]] | None = None
+    def __init__(self, node: Node):
+        self.node = node
+        self.entries: list[tuple[int, str, Node]] | None = None
         self.offsets: list[int] = []
 
 
@@ -139,142 +141,128 @@ class VfsnapOperations(pyfuse3.Operations):
 
     # -- attributes -----------------------------------------------------------------------
 
-    def _entry(self, ino: int, key: tuple) -> pyfuse3.EntryAttributes:
+    def _entry(self, ino: int, node: Node) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = ino
         attr.entry_timeout = ENTRY_TIMEOUT
         attr.attr_timeout = ATTR_TIMEOUT
         attr.st_blksize = 65536
-        kind = key[0]
         now = self._mount_time_ns
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = now
         attr.st_uid = os.getuid()
         attr.st_gid = os.getgid()
-        if kind in ("root", "volumes", "snapshots"):
-            attr.st_mode = DIR_MODE
-            attr.st_nlink = 2
-        elif kind in ("snapdir", "snapshot"):
-            # Whoever may write the volume may take and delete its snapshots: the directory
-            # gets the volume's owner and its permission bits (r -> r-x, w -> w).
-            volume = self.pool.volume(key[1])
-            base = volume.base_stat()
-            attr.st_mode = stat.S_IFDIR | directory_mode(base.st_mode)
-            attr.st_uid, attr.st_gid = base.st_uid, base.st_gid
-            attr.st_nlink = 2
-            if kind == "snapshot":
-                created_ns = int(volume.snapshot_created(key[2]) * 1e9)
+        match node:
+            case RootDir() | VolumesDir() | SnapshotsDir():
+                attr.st_mode = DIR_MODE
+                attr.st_nlink = 2
+            case VolumeSnapshotsDir() | SnapshotDir():
+                # Whoever may write the volume may take and delete its snapshots: the directory
+                # gets the volume's owner and its permission bits (r -> r-x, w -> w).
+                volume = self.pool.volume(node.volume)
+                base = volume.base_stat()
+                attr.st_mode = stat.S_IFDIR | directory_mode(base.st_mode)
+                attr.st_uid, attr.st_gid = base.st_uid, base.st_gid
+                attr.st_nlink = 2
+                if isinstance(node, SnapshotDir):
+                    created_ns = int(volume.snapshot_created(node.snapshot) * 1e9)
+                    attr.st_mtime_ns = attr.st_ctime_ns = attr.st_atime_ns = created_ns
+                    attr.st_mode &= RO_BITS
+            case ControlFile():
+                attr.st_mode = stat.S_IFREG | 0o444
+                attr.st_nlink = 1
+            case LatestLink(volume_name):
+                target = self.pool.volume(volume_name).latest_snapshot()
+                if target is None:
+                    raise NotFound(f"volume {volume_name} has no snapshot")
+                attr.st_mode = stat.S_IFLNK | 0o777
+                attr.st_nlink = 1
+                attr.st_size = len(target.encode())
+            case VolumeFile(volume_name):
+                # Cheap for a volume not in use: no image opened, nothing written (Volume.stat).
+                st = self.pool.volume(volume_name).stat()
+                attr.st_mode = stat.S_IFREG | stat.S_IMODE(st.mode)
+                attr.st_nlink = 1
+                attr.st_uid, attr.st_gid = st.uid, st.gid
+                attr.st_size = st.size
+                attr.st_blocks = (st.allocated + 511) // 512
+                attr.st_mtime_ns, attr.st_ctime_ns, attr.st_atime_ns = st.mtime_ns, st.ctime_ns, st.atime_ns
+            case SnapshotFile(volume_name, snapshot):
+                volume = self.pool.volume(volume_name)
+                base = volume.base_stat()
+                view = volume.snapshot_view(snapshot)
+                attr.st_mode = stat.S_IFREG | (stat.S_IMODE(base.st_mode) & RO_BITS)
+                attr.st_nlink = 1
+                attr.st_uid, attr.st_gid = base.st_uid, base.st_gid
+                attr.st_size = view.size
+                attr.st_blocks = (view.allocated_bytes() + 511) // 512
+                created_ns = int(volume.snapshot_created(snapshot) * 1e9)
                 attr.st_mtime_ns = attr.st_ctime_ns = attr.st_atime_ns = created_ns
-                attr.st_mode &= RO_BITS
-        elif kind == "control":
-            attr.st_mode = stat.S_IFREG | 0o444
-            attr.st_nlink = 1
-        elif kind == "latest":
-            volume = self.pool.volume(key[1])
-            target = volume.latest_snapshot()
-            if target is None:
-                raise NotFound(f"volume {key[1]} has no snapshot")
-            attr.st_mode = stat.S_IFLNK | 0o777
-            attr.st_nlink = 1
-            attr.st_size = len(target.encode())
-        elif kind == "volume":
-            # Cheap for a volume not in use: no image opened, nothing written (Volume.stat).
-            st = self.pool.volume(key[1]).stat()
-            attr.st_mode = stat.S_IFREG | stat.S_IMODE(st.mode)
-            attr.st_nlink = 1
-            attr.st_uid, attr.st_gid = st.uid, st.gid
-            attr.st_size = st.size
-            attr.st_blocks = (st.allocated + 511) // 512
-            attr.st_mtime_ns, attr.st_ctime_ns, attr.st_atime_ns = st.mtime_ns, st.ctime_ns, st.atime_ns
-        elif kind == "snapfile":
-            volume = self.pool.volume(key[1])
-            base = volume.base_stat()
-            view = volume.snapshot_view(key[2])
-            attr.st_mode = stat.S_IFREG | (stat.S_IMODE(base.st_mode) & RO_BITS)
-            attr.st_nlink = 1
-            attr.st_uid, attr.st_gid = base.st_uid, base.st_gid
-            attr.st_size = view.size
-            attr.st_blocks = (view.allocated_bytes() + 511) // 512
-            created_ns = int(volume.snapshot_created(key[2]) * 1e9)
-            attr.st_mtime_ns = attr.st_ctime_ns = attr.st_atime_ns = created_ns
-        else:  # pragma: no cover
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            case _:  # pragma: no cover
+                raise pyfuse3.FUSEError(errno.ENOENT)
         return attr
 
-    def _check_exists(self, key: tuple) -> None:
-        """Raise ENOENT if the node named by `key` no longer exists."""
-        kind = key[0]
-        if kind in ("root", "volumes", "snapshots", "control"):
+    def _check_exists(self, node: Node) -> None:
+        """Raise ENOENT if the object `node` names no longer exists."""
+        if isinstance(node, FixedNode):
             return
-        volume = self.pool.volume(key[1])
-        if kind in ("snapshot", "snapfile") and not volume.has_snapshot(key[2]):
-            raise NotFound(f"volume {key[1]} has no snapshot {key[2]}")
+        volume = self.pool.volume(node.volume)
+        if isinstance(node, SnapshotNode) and not volume.has_snapshot(node.snapshot):
+            raise NotFound(f"volume {node.volume} has no snapshot {node.snapshot}")
 
-    def _lookup_key(self, parent_key: tuple, name: str) -> tuple:
-        kind = parent_key[0]
-        if kind == "root":
-            if name == "volumes":
-                return ("volumes",)
-            if name == "snapshots":
-                return ("snapshots",)
-            if name == CONTROL_NAME:
-                return ("control",)
-        elif kind == "volumes":
-            self.pool.volume(name)
-            return ("volume", name)
-        elif kind == "snapshots":
-            self.pool.volume(name)
-            return ("snapdir", name)
-        elif kind == "snapdir":
-            volume = self.pool.volume(parent_key[1])
-            if name == LATEST:
-                if volume.latest_snapshot() is not None:
-                    return ("latest", parent_key[1])
-            elif is_snapshot_name(name) and volume.has_snapshot(name):
-                return ("snapshot", parent_key[1], name)
-        elif kind == "snapshot":
-            self._check_exists(parent_key)
-            if name == parent_key[1]:
-                return ("snapfile", parent_key[1], parent_key[2])
+    def _child(self, directory: Node, name: str) -> Node:
+        """The node `name` names in `directory`, if the share has it."""
+        match directory:
+            case RootDir():
+                if name == "volumes":
+                    return VolumesDir()
+                if name == "snapshots":
+                    return SnapshotsDir()
+                if name == CONTROL_NAME:
+                    return ControlFile()
+            case VolumesDir():
+                self.pool.volume(name)
+                return VolumeFile(name)
+            case SnapshotsDir():
+                self.pool.volume(name)
+                return VolumeSnapshotsDir(name)
+            case VolumeSnapshotsDir(volume_name):
+                volume = self.pool.volume(volume_name)
+                if name == LATEST:
+                    if volume.latest_snapshot() is not None:
+                        return LatestLink(volume_name)
+                elif is_snapshot_name(name) and volume.has_snapshot(name):
+                    return SnapshotDir(volume_name, name)
+            case SnapshotDir(volume_name, snapshot):
+                self._check_exists(directory)
+                if name == volume_name:
+                    return SnapshotFile(volume_name, snapshot)
         raise NotFound(name)
-
-    @staticmethod
-    def _parent_key(key: tuple) -> tuple:
-        kind = key[0]
-        if kind in ("root", "volumes", "snapshots", "control"):
-            return ("root",)
-        if kind == "volume":
-            return ("volumes",)
-        if kind == "snapdir":
-            return ("snapshots",)
-        if kind in ("snapshot", "latest"):
-            return ("snapdir", key[1])
-        return ("snapshot", key[1], key[2])
 
     @handler
     async def lookup(self, parent_inode, name, ctx=None):
-        parent_key = self.inodes.key(parent_inode)
+        directory = self.inodes.node(parent_inode)
         text = os.fsdecode(name)
         if text == ".":
-            key = parent_key
+            node = directory
         elif text == "..":
-            key = self._parent_key(parent_key)
+            node = parent(directory)
         else:
             if len(name) > 255:
                 raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
-            key = self._lookup_key(parent_key, text)
-        ino = self.inodes.ino(key)
-        attr = self._entry(ino, key)
+            node = self._child(directory, text)
+        ino = self.inodes.ino(node)
+        attr = self._entry(ino, node)
         if text not in (".", ".."):
             self.inodes.looked_up(ino)
         return attr
 
     @handler
     async def getattr(self, inode, ctx=None):
-        key = self.inodes.key(inode)
+        node = self.inodes.node(inode)
         if not self.inodes.is_current(inode):
             raise NotFound("deleted")
-        self._check_exists(key)
-        return self._entry(inode, key)
+        self._check_exists(node)
+        return self._entry(inode, node)
 
     async def forget(self, inode_list):
         for ino, count in inode_list:
@@ -285,10 +273,10 @@ class VfsnapOperations(pyfuse3.Operations):
 
     @handler
     async def readlink(self, inode, ctx):
-        key = self.inodes.key(inode)
-        if key[0] != "latest":
+        node = self.inodes.node(inode)
+        if not isinstance(node, LatestLink):
             raise pyfuse3.FUSEError(errno.EINVAL)
-        target = self.pool.volume(key[1]).latest_snapshot()
+        target = self.pool.volume(node.volume).latest_snapshot()
         if target is None:
             raise NotFound("no snapshot")
         return target.encode()
@@ -297,32 +285,33 @@ class VfsnapOperations(pyfuse3.Operations):
 
     @handler
     async def opendir(self, inode, ctx):
-        key = self.inodes.key(inode)
-        if key[0] not in ("root", "volumes", "snapshots", "snapdir", "snapshot"):
+        node = self.inodes.node(inode)
+        if not isinstance(node, Directory):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        self._check_exists(key)
+        self._check_exists(node)
         fh = self._next_fh
         self._next_fh += 1
-        self._dir_handles[fh] = DirHandle(key)
+        self._dir_handles[fh] = DirHandle(node)
         return fh
 
-    def _children(self, key: tuple) -> list[tuple[str, tuple]]:
-        kind = key[0]
-        if kind == "root":
-            return [("volumes", ("volumes",)), ("snapshots", ("snapshots",))]
-        if kind == "volumes":
-            return [(name, ("volume", name)) for name in self.pool.volume_names()]
-        if kind == "snapshots":
-            return [(name, ("snapdir", name)) for name in self.pool.volume_names()]
-        if kind == "snapdir":
-            snapshots = self.pool.volume(key[1]).snapshots()
-            children = [(snap, ("snapshot", key[1], snap)) for snap in snapshots]
-            if snapshots:
-                children.append((LATEST, ("latest", key[1])))
-            return children
-        if kind == "snapshot":
-            self._check_exists(key)
-            return [(key[1], ("snapfile", key[1], key[2]))]
+    def _children(self, directory: Node) -> list[tuple[str, Node]]:
+        """What `directory` lists (`.vfsnap` is found by name, never listed)."""
+        match directory:
+            case RootDir():
+                return [("volumes", VolumesDir()), ("snapshots", SnapshotsDir())]
+            case VolumesDir():
+                return [(name, VolumeFile(name)) for name in self.pool.volume_names()]
+            case SnapshotsDir():
+                return [(name, VolumeSnapshotsDir(name)) for name in self.pool.volume_names()]
+            case VolumeSnapshotsDir(volume_name):
+                snapshots = self.pool.volume(volume_name).snapshots()
+                children: list[tuple[str, Node]] = [(snap, SnapshotDir(volume_name, snap)) for snap in snapshots]
+                if snapshots:
+                    children.append((LATEST, LatestLink(volume_name)))
+                return children
+            case SnapshotDir(volume_name, snapshot):
+                self._check_exists(directory)
+                return [(volume_name, SnapshotFile(volume_name, snapshot))]
         return []
 
     @handler
@@ -334,17 +323,17 @@ class VfsnapOperations(pyfuse3.Operations):
         # The list is made once per opendir (and again by a rewinddir) from the share's
         # index, so that each batch the kernel asks for costs only its own entries.
         if handle.entries is None or start_id == 0:
-            entries = [(self.inodes.ino(child_key), name, child_key) for name, child_key in self._children(handle.key)]
+            entries = [(self.inodes.ino(child), name, child) for name, child in self._children(handle.node)]
             entries.sort()
             handle.entries = entries
             handle.offsets = [ino + 3 for ino, _, _ in entries]
         entries = handle.entries
         for i in range(bisect.bisect_right(handle.offsets, start_id), len(entries)):
-            ino, name, child_key = entries[i]
+            ino, name, child = entries[i]
             if not self.inodes.is_current(ino):
                 continue  # deleted or renamed through the mount since opendir
             try:
-                attr = self._entry(ino, child_key)
+                attr = self._entry(ino, child)
             except (VfsnapError, OSError) as exc:
                 # One broken volume must not hide the others: list it, it fails on use.
                 log.warning("listing %s: %s", name, exc)
@@ -362,22 +351,21 @@ class VfsnapOperations(pyfuse3.Operations):
 
     @handler
     async def open(self, inode, flags, ctx):
-        key = self.inodes.key(inode)
+        node = self.inodes.node(inode)
         if not self.inodes.is_current(inode):
             raise NotFound("deleted")
-        kind = key[0]
         writing = flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
-        if kind == "control":
+        if isinstance(node, ControlFile):
             if writing:
                 raise pyfuse3.FUSEError(errno.EACCES)
-            return pyfuse3.FileInfo(fh=self._new_handle(Handle(None, None, key)))
-        if kind not in ("volume", "snapfile"):
+            return pyfuse3.FileInfo(fh=self._new_handle(Handle(None, None, node)))
+        if not isinstance(node, VolumeFile | SnapshotFile):
             raise pyfuse3.FUSEError(errno.EISDIR)
-        volume = self.pool.volume(key[1])
-        if kind == "snapfile":
+        volume = self.pool.volume(node.volume)
+        if isinstance(node, SnapshotFile):
             if writing:
                 raise pyfuse3.FUSEError(errno.EROFS)
-            view = volume.snapshot_view(key[2])
+            view = volume.snapshot_view(node.snapshot)
             keep_cache = True  # a snapshot never changes (invariant 2)
         else:
             if writing and self.pool.read_only:
@@ -393,7 +381,7 @@ class VfsnapOperations(pyfuse3.Operations):
         # the page cache, so that shared mmap works. Snapshot files always keep it.
         direct = bool(flags & os.O_DIRECT)
         sync = direct and bool(writing) and bool(flags & (os.O_DSYNC | os.O_SYNC))
-        return self._open_handle(Handle(view, volume, key, bool(writing), sync), keep_cache, direct_io=direct)
+        return self._open_handle(Handle(view, volume, node, bool(writing), sync), keep_cache, direct_io=direct)
 
     def _open_handle(self, handle: Handle, keep_cache: bool, direct_io: bool = False) -> pyfuse3.FileInfo:
         handle.volume.opened(handle.snapshot, writing=handle.writable)
@@ -417,7 +405,7 @@ class VfsnapOperations(pyfuse3.Operations):
                     return handle.view.read(off, size, transient=True)
                 except Exception as again:  # noqa: BLE001 - error boundary
                     exc = again
-            raise fuse_error(exc, f"read {handle.key if handle else fh} at {off}+{size}") from None
+            raise fuse_error(exc, f"read {handle.node if handle else fh} at {off}+{size}") from None
 
     async def write(self, fh, off, buf):
         # Hot path: no decorator frame; the same error boundary inline.
@@ -431,7 +419,7 @@ class VfsnapOperations(pyfuse3.Operations):
             return written
         except Exception as exc:  # noqa: BLE001 - error boundary
             handle = self._handles.get(fh)
-            raise fuse_error(exc, f"write {handle.key if handle else fh} at {off}+{len(buf)}") from None
+            raise fuse_error(exc, f"write {handle.node if handle else fh} at {off}+{len(buf)}") from None
 
     async def release(self, fh):
         # The kernel discards errors of release: log them, whatever the errno, or nobody hears.
@@ -443,14 +431,14 @@ class VfsnapOperations(pyfuse3.Operations):
                 handle.volume.close_writes()  # last writer gone: nothing stays only in memory
         except Exception as exc:  # noqa: BLE001 - error boundary
             if isinstance(exc, VfsnapError):
-                log.error("release of %s: %s", handle.key[1], exc)
+                log.error("release of %s: %s", handle.node.volume, exc)
             else:
-                log.exception("release of %s", handle.key[1])
+                log.exception("release of %s", handle.node.volume)
         finally:
             try:
                 handle.volume.released(handle.snapshot, writing=handle.writable)
             except Exception:  # noqa: BLE001
-                log.exception("releasing %s", handle.key[1])
+                log.exception("releasing %s", handle.node.volume)
 
     @handler
     async def flush(self, fh):
@@ -468,8 +456,8 @@ class VfsnapOperations(pyfuse3.Operations):
     # -- namespace operations vfsnap refuses deliberately -----------------------------------
 
     def _refuse_create(self, parent_inode: int) -> None:
-        key = self.inodes.key(parent_inode)
-        if key[0] in ("snapshots", "snapdir", "snapshot"):
+        directory = self.inodes.node(parent_inode)
+        if isinstance(directory, SnapshotsDir | VolumeSnapshotsDir | SnapshotDir):
             raise pyfuse3.FUSEError(errno.EPERM)
         if self.pool.read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
@@ -477,42 +465,42 @@ class VfsnapOperations(pyfuse3.Operations):
 
     @handler
     async def mkdir(self, parent_inode, name, mode, ctx):
-        key = self.inodes.key(parent_inode)
-        if key[0] != "snapdir":
+        directory = self.inodes.node(parent_inode)
+        if not isinstance(directory, VolumeSnapshotsDir):
             self._refuse_create(parent_inode)
         if self.pool.read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
         if len(name) > 255:
             raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         text = os.fsdecode(name)
-        volume = self.pool.volume(key[1])
+        volume = self.pool.volume(directory.volume)
         async with ChainChange(volume):
             # No flush on a worker first: under a busy writer it does not converge (the writer
             # dirties as much again meanwhile), and mkdir took 25 ms instead of 15.
             snapshots.take_snapshot(volume, text)
-        child_key = ("snapshot", key[1], text)
-        self.inodes.retire(child_key)
-        self.inodes.retire(("snapfile", key[1], text))
-        ino = self.inodes.ino(child_key)
-        attr = self._entry(ino, child_key)
+        child = SnapshotDir(directory.volume, text)
+        self.inodes.retire(child)
+        self.inodes.retire(SnapshotFile(directory.volume, text))
+        ino = self.inodes.ino(child)
+        attr = self._entry(ino, child)
         self.inodes.looked_up(ino)
         return attr
 
     @handler
     async def rmdir(self, parent_inode, name, ctx):
-        key = self.inodes.key(parent_inode)
-        if key[0] != "snapdir":
+        directory = self.inodes.node(parent_inode)
+        if not isinstance(directory, VolumeSnapshotsDir):
             raise pyfuse3.FUSEError(errno.EPERM)
         if self.pool.read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
         text = os.fsdecode(name)
         if text == LATEST or not is_snapshot_name(text):
             raise pyfuse3.FUSEError(errno.ENOENT if text != LATEST else errno.ENOTDIR)
-        volume = self.pool.volume(key[1])
+        volume = self.pool.volume(directory.volume)
         async with ChainChange(volume):
             snapshots.request_delete(volume, text)
-        self.inodes.retire(("snapshot", key[1], text))
-        self.inodes.retire(("snapfile", key[1], text))
+        self.inodes.retire(SnapshotDir(directory.volume, text))
+        self.inodes.retire(SnapshotFile(directory.volume, text))
         self.start_merges(volume)
 
     async def _finish_journals(self) -> None:
@@ -533,17 +521,17 @@ class VfsnapOperations(pyfuse3.Operations):
 
     @handler
     async def create(self, parent_inode, name, mode, flags, ctx):
-        key = self.inodes.key(parent_inode)
-        if key[0] != "volumes" or self.pool.read_only:
+        directory = self.inodes.node(parent_inode)
+        if not isinstance(directory, VolumesDir) or self.pool.read_only:
             self._refuse_create(parent_inode)
         text = os.fsdecode(name)
         volume = self.pool.create_volume(text, 0, mode=stat.S_IMODE(mode) & ~ctx.umask, owner=(ctx.uid, ctx.gid))
-        child_key = ("volume", text)
-        self.inodes.retire(child_key)  # a fresh inode: never the cached pages of an older one
-        ino = self.inodes.ino(child_key)
-        attr = self._entry(ino, child_key)
+        child = VolumeFile(text)
+        self.inodes.retire(child)  # a fresh inode: never the cached pages of an older one
+        ino = self.inodes.ino(child)
+        attr = self._entry(ino, child)
         self.inodes.looked_up(ino)
-        info = self._open_handle(Handle(volume.live_view(), volume, child_key, True), keep_cache=False)
+        info = self._open_handle(Handle(volume.live_view(), volume, child, True), keep_cache=False)
         return info, attr
 
     @handler
@@ -560,9 +548,9 @@ class VfsnapOperations(pyfuse3.Operations):
 
     @handler
     async def unlink(self, parent_inode, name, ctx):
-        key = self.inodes.key(parent_inode)
-        if key[0] != "volumes":
-            raise pyfuse3.FUSEError(errno.EROFS if key[0] == "snapshot" else errno.EPERM)
+        directory = self.inodes.node(parent_inode)
+        if not isinstance(directory, VolumesDir):
+            raise pyfuse3.FUSEError(errno.EROFS if isinstance(directory, SnapshotDir) else errno.EPERM)
         if self.pool.read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
         text = os.fsdecode(name)
@@ -573,14 +561,13 @@ class VfsnapOperations(pyfuse3.Operations):
         commands.start_held_merges(self)  # a clone removed mid-copy releases its source
 
     def _retire_volume(self, volume: str) -> None:
-        for kind in ("volume", "snapdir", "latest"):
-            self.inodes.retire((kind, volume))
-        self.inodes.retire_where(lambda key: len(key) == 3 and key[1] == volume)
+        self.inodes.retire_where(lambda node: belongs_to(node, volume))
 
     @handler
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        old_parent, new_parent = self.inodes.key(parent_inode_old), self.inodes.key(parent_inode_new)
-        if old_parent[0] != "volumes" or new_parent[0] != "volumes" or flags & pyfuse3.RENAME_EXCHANGE:
+        old_parent, new_parent = self.inodes.node(parent_inode_old), self.inodes.node(parent_inode_new)
+        within_volumes = isinstance(old_parent, VolumesDir) and isinstance(new_parent, VolumesDir)
+        if not within_volumes or flags & pyfuse3.RENAME_EXCHANGE:
             raise pyfuse3.FUSEError(errno.EPERM)
         if self.pool.read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
@@ -592,23 +579,23 @@ class VfsnapOperations(pyfuse3.Operations):
         volume = self.pool.volume(old)
         async with ChainChange(volume):
             self.pool.rename_volume(old, new)
-        self.inodes.rekey(("volume", old), ("volume", new))
+        self.inodes.rename(VolumeFile(old), VolumeFile(new))
         self._retire_volume(old)
 
     @handler
     async def setattr(self, inode, attr, fields, fh, ctx):
-        key = self.inodes.key(inode)
-        if key[0] == "snapfile":
+        node = self.inodes.node(inode)
+        if isinstance(node, SnapshotFile):
             raise pyfuse3.FUSEError(errno.EROFS)
-        if key[0] == "volume":
+        if isinstance(node, VolumeFile):
             if fields.update_size:
                 if self.pool.read_only:
                     raise pyfuse3.FUSEError(errno.EROFS)
-                self.pool.volume(key[1]).resize(attr.st_size)
+                self.pool.volume(node.volume).resize(attr.st_size)
             if fields.update_mode or fields.update_uid or fields.update_gid:
                 raise pyfuse3.FUSEError(errno.EPERM)
             # Timestamps (touch) are accepted and ignored: the share's files keep theirs.
-            return self._entry(inode, key)
+            return self._entry(inode, node)
         raise pyfuse3.FUSEError(errno.EPERM)
 
     # -- capacity and extended attributes -------------------------------------------------
@@ -631,24 +618,24 @@ class VfsnapOperations(pyfuse3.Operations):
 
     @handler
     async def getxattr(self, inode, name, ctx):
-        key = self.inodes.key(inode)
-        return control.get_attribute(self.pool, key, os.fsdecode(name))
+        node = self.inodes.node(inode)
+        return control.get_attribute(self.pool, node, os.fsdecode(name))
 
     @handler
     async def listxattr(self, inode, ctx):
-        key = self.inodes.key(inode)
-        return [n.encode() for n in control.attribute_names(self.pool, key)]
+        node = self.inodes.node(inode)
+        return [n.encode() for n in control.attribute_names(self.pool, node)]
 
     @handler
     async def setxattr(self, inode, name, value, ctx):
-        key = self.inodes.key(inode)
-        if os.fsdecode(name) == "fuse_stacktrace" and key[0] == "root":
+        node = self.inodes.node(inode)
+        if os.fsdecode(name) == "fuse_stacktrace" and isinstance(node, RootDir):
             pyfuse3.stacktrace() if hasattr(pyfuse3, "stacktrace") else None
             return
-        if commands.handles(key, os.fsdecode(name)):
-            await commands.run(self, key, os.fsdecode(name), value)
+        if commands.handles(node, os.fsdecode(name)):
+            await commands.run(self, node, os.fsdecode(name), value)
             return
-        control.set_attribute(self.pool, key, os.fsdecode(name), value)
+        control.set_attribute(self.pool, node, os.fsdecode(name), value)
 
     @handler
     async def removexattr(self, inode, name, ctx):
