@@ -151,54 +151,54 @@ class VfsnapOperations(pyfuse3.Operations):
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = now
         attr.st_uid = os.getuid()
         attr.st_gid = os.getgid()
-        match node:
-            case RootDir() | VolumesDir() | SnapshotsDir():
-                attr.st_mode = DIR_MODE
-                attr.st_nlink = 2
-            case VolumeSnapshotsDir() | SnapshotDir():
-                # Whoever may write the volume may take and delete its snapshots: the directory
-                # gets the volume's owner and its permission bits (r -> r-x, w -> w).
-                volume = self.pool.volume(node.volume)
-                base = volume.base_stat()
-                attr.st_mode = stat.S_IFDIR | directory_mode(base.st_mode)
-                attr.st_uid, attr.st_gid = base.st_uid, base.st_gid
-                attr.st_nlink = 2
-                if isinstance(node, SnapshotDir):
-                    created_ns = int(volume.snapshot_created(node.snapshot) * 1e9)
-                    attr.st_mtime_ns = attr.st_ctime_ns = attr.st_atime_ns = created_ns
-                    attr.st_mode &= RO_BITS
-            case ControlFile():
-                attr.st_mode = stat.S_IFREG | 0o444
-                attr.st_nlink = 1
-            case LatestLink(volume_name):
-                target = self.pool.volume(volume_name).latest_snapshot()
-                if target is None:
-                    raise NotFound(f"volume {volume_name} has no snapshot")
-                attr.st_mode = stat.S_IFLNK | 0o777
-                attr.st_nlink = 1
-                attr.st_size = len(target.encode())
-            case VolumeFile(volume_name):
-                # Cheap for a volume not in use: no image opened, nothing written (Volume.stat).
-                st = self.pool.volume(volume_name).stat()
-                attr.st_mode = stat.S_IFREG | stat.S_IMODE(st.mode)
-                attr.st_nlink = 1
-                attr.st_uid, attr.st_gid = st.uid, st.gid
-                attr.st_size = st.size
-                attr.st_blocks = (st.allocated + 511) // 512
-                attr.st_mtime_ns, attr.st_ctime_ns, attr.st_atime_ns = st.mtime_ns, st.ctime_ns, st.atime_ns
-            case SnapshotFile(volume_name, snapshot):
-                volume = self.pool.volume(volume_name)
-                base = volume.base_stat()
-                view = volume.snapshot_view(snapshot)
-                attr.st_mode = stat.S_IFREG | (stat.S_IMODE(base.st_mode) & RO_BITS)
-                attr.st_nlink = 1
-                attr.st_uid, attr.st_gid = base.st_uid, base.st_gid
-                attr.st_size = view.size
-                attr.st_blocks = (view.allocated_bytes() + 511) // 512
-                created_ns = int(volume.snapshot_created(snapshot) * 1e9)
+        if isinstance(node, RootDir | VolumesDir | SnapshotsDir):
+            attr.st_mode = DIR_MODE
+            attr.st_nlink = 2
+        elif isinstance(node, VolumeSnapshotsDir | SnapshotDir):
+            # Whoever may write the volume may take and delete its snapshots: the directory
+            # gets the volume's owner and its permission bits (r -> r-x, w -> w).
+            volume = self.pool.volume(node.volume)
+            base = volume.base_stat()
+            attr.st_mode = stat.S_IFDIR | directory_mode(base.st_mode)
+            attr.st_uid, attr.st_gid = base.st_uid, base.st_gid
+            attr.st_nlink = 2
+            if isinstance(node, SnapshotDir):
+                created_ns = int(volume.snapshot_created(node.snapshot) * 1e9)
                 attr.st_mtime_ns = attr.st_ctime_ns = attr.st_atime_ns = created_ns
-            case _:  # pragma: no cover
-                raise pyfuse3.FUSEError(errno.ENOENT)
+                attr.st_mode &= RO_BITS
+        elif isinstance(node, ControlFile):
+            attr.st_mode = stat.S_IFREG | 0o444
+            attr.st_nlink = 1
+        elif isinstance(node, LatestLink):
+            volume = self.pool.volume(node.volume)
+            target = volume.latest_snapshot()
+            if target is None:
+                raise NotFound(f"volume {node.volume} has no snapshot")
+            attr.st_mode = stat.S_IFLNK | 0o777
+            attr.st_nlink = 1
+            attr.st_size = len(target.encode())
+        elif isinstance(node, VolumeFile):
+            # Cheap for a volume not in use: no image opened, nothing written (Volume.stat).
+            st = self.pool.volume(node.volume).stat()
+            attr.st_mode = stat.S_IFREG | stat.S_IMODE(st.mode)
+            attr.st_nlink = 1
+            attr.st_uid, attr.st_gid = st.uid, st.gid
+            attr.st_size = st.size
+            attr.st_blocks = (st.allocated + 511) // 512
+            attr.st_mtime_ns, attr.st_ctime_ns, attr.st_atime_ns = st.mtime_ns, st.ctime_ns, st.atime_ns
+        elif isinstance(node, SnapshotFile):
+            volume = self.pool.volume(node.volume)
+            base = volume.base_stat()
+            view = volume.snapshot_view(node.snapshot)
+            attr.st_mode = stat.S_IFREG | (stat.S_IMODE(base.st_mode) & RO_BITS)
+            attr.st_nlink = 1
+            attr.st_uid, attr.st_gid = base.st_uid, base.st_gid
+            attr.st_size = view.size
+            attr.st_blocks = (view.allocated_bytes() + 511) // 512
+            created_ns = int(volume.snapshot_created(node.snapshot) * 1e9)
+            attr.st_mtime_ns = attr.st_ctime_ns = attr.st_atime_ns = created_ns
+        else:  # pragma: no cover
+            raise pyfuse3.FUSEError(errno.ENOENT)
         return attr
 
     def _check_exists(self, node: Node) -> None:
@@ -209,33 +209,32 @@ class VfsnapOperations(pyfuse3.Operations):
         if isinstance(node, SnapshotNode) and not volume.has_snapshot(node.snapshot):
             raise NotFound(f"volume {node.volume} has no snapshot {node.snapshot}")
 
-    def _child(self, directory: Node, name: str) -> Node:
+    def _lookup_node(self, directory: Node, name: str) -> Node:
         """The node `name` names in `directory`, if the share has it."""
-        match directory:
-            case RootDir():
-                if name == "volumes":
-                    return VolumesDir()
-                if name == "snapshots":
-                    return SnapshotsDir()
-                if name == CONTROL_NAME:
-                    return ControlFile()
-            case VolumesDir():
-                self.pool.volume(name)
-                return VolumeFile(name)
-            case SnapshotsDir():
-                self.pool.volume(name)
-                return VolumeSnapshotsDir(name)
-            case VolumeSnapshotsDir(volume_name):
-                volume = self.pool.volume(volume_name)
-                if name == LATEST:
-                    if volume.latest_snapshot() is not None:
-                        return LatestLink(volume_name)
-                elif is_snapshot_name(name) and volume.has_snapshot(name):
-                    return SnapshotDir(volume_name, name)
-            case SnapshotDir(volume_name, snapshot):
-                self._check_exists(directory)
-                if name == volume_name:
-                    return SnapshotFile(volume_name, snapshot)
+        if isinstance(directory, RootDir):
+            if name == "volumes":
+                return VolumesDir()
+            if name == "snapshots":
+                return SnapshotsDir()
+            if name == CONTROL_NAME:
+                return ControlFile()
+        elif isinstance(directory, VolumesDir):
+            self.pool.volume(name)
+            return VolumeFile(name)
+        elif isinstance(directory, SnapshotsDir):
+            self.pool.volume(name)
+            return VolumeSnapshotsDir(name)
+        elif isinstance(directory, VolumeSnapshotsDir):
+            volume = self.pool.volume(directory.volume)
+            if name == LATEST:
+                if volume.latest_snapshot() is not None:
+                    return LatestLink(directory.volume)
+            elif is_snapshot_name(name) and volume.has_snapshot(name):
+                return SnapshotDir(directory.volume, name)
+        elif isinstance(directory, SnapshotDir):
+            self._check_exists(directory)
+            if name == directory.volume:
+                return SnapshotFile(directory.volume, directory.snapshot)
         raise NotFound(name)
 
     @handler
@@ -249,7 +248,7 @@ class VfsnapOperations(pyfuse3.Operations):
         else:
             if len(name) > 255:
                 raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
-            node = self._child(directory, text)
+            node = self._lookup_node(directory, text)
         ino = self.inodes.ino(node)
         attr = self._entry(ino, node)
         if text not in (".", ".."):
@@ -296,22 +295,21 @@ class VfsnapOperations(pyfuse3.Operations):
 
     def _children(self, directory: Node) -> list[tuple[str, Node]]:
         """What `directory` lists (`.vfsnap` is found by name, never listed)."""
-        match directory:
-            case RootDir():
-                return [("volumes", VolumesDir()), ("snapshots", SnapshotsDir())]
-            case VolumesDir():
-                return [(name, VolumeFile(name)) for name in self.pool.volume_names()]
-            case SnapshotsDir():
-                return [(name, VolumeSnapshotsDir(name)) for name in self.pool.volume_names()]
-            case VolumeSnapshotsDir(volume_name):
-                snapshots = self.pool.volume(volume_name).snapshots()
-                children: list[tuple[str, Node]] = [(snap, SnapshotDir(volume_name, snap)) for snap in snapshots]
-                if snapshots:
-                    children.append((LATEST, LatestLink(volume_name)))
-                return children
-            case SnapshotDir(volume_name, snapshot):
-                self._check_exists(directory)
-                return [(volume_name, SnapshotFile(volume_name, snapshot))]
+        if isinstance(directory, RootDir):
+            return [("volumes", VolumesDir()), ("snapshots", SnapshotsDir())]
+        if isinstance(directory, VolumesDir):
+            return [(name, VolumeFile(name)) for name in self.pool.volume_names()]
+        if isinstance(directory, SnapshotsDir):
+            return [(name, VolumeSnapshotsDir(name)) for name in self.pool.volume_names()]
+        if isinstance(directory, VolumeSnapshotsDir):
+            snapshots = self.pool.volume(directory.volume).snapshots()
+            children: list[tuple[str, Node]] = [(snap, SnapshotDir(directory.volume, snap)) for snap in snapshots]
+            if snapshots:
+                children.append((LATEST, LatestLink(directory.volume)))
+            return children
+        if isinstance(directory, SnapshotDir):
+            self._check_exists(directory)
+            return [(directory.volume, SnapshotFile(directory.volume, directory.snapshot))]
         return []
 
     @handler
