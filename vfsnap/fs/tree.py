@@ -12,7 +12,7 @@
 
 A node names an object by what it is, not by an inode: nodes are equal when they name the same
 object, and hashable, so the inode table (`vfsnap.fs.inodes`) maps node <-> inode. Handlers
-dispatch on the type (`match`); which nodes exist on the share is for the handlers to ask.
+dispatch on the type (isinstance, match); which nodes exist on the share is for the handlers to ask.
 """
 
 from __future__ import annotations
