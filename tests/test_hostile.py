@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Mount, requires_fuse, wait_for
+from tests.conftest import Mount, requires_commands, requires_fuse, wait_for
 from tests.qemu import (
     create,
     flat_bytes,
@@ -957,7 +957,7 @@ def _unprivileged() -> tuple[int, int]:
     try:
         user = pwd.getpwnam("nobody")
     except KeyError:
-        pytest.skip("no user `nobody`")
+        pytest.fail("no user `nobody` (Debian's base-passwd always has it)", pytrace=False)
     return user.pw_uid, user.pw_gid
 
 
@@ -1004,8 +1004,6 @@ def as_user(uid: int, gid: int, *steps: tuple) -> list[str]:
 @pytest.fixture
 def open_mountpoint():
     """A mountpoint an unprivileged user can reach (pytest's tmp_path is private to root)."""
-    if not shutil.which("setpriv"):
-        pytest.skip("needs setpriv")
     base = Path(tempfile.mkdtemp(prefix="vfsnap-perm-", dir="/tmp"))
     os.chmod(base, 0o755)
     (base / "mnt").mkdir(mode=0o755)
@@ -1013,6 +1011,7 @@ def open_mountpoint():
     shutil.rmtree(base, ignore_errors=True)
 
 
+@requires_commands("setpriv")
 def test_permissions_with_allow_other(share, open_mountpoint, vfsnap_mount):
     uid, gid = _unprivileged()
     volumes = {  # name: (mode, owner, fill byte)
