@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Union
 import attrs
 
 from vfsnap.errors import CorruptRecord
-from vfsnap.names import NAME_MAX, is_snapshot_name
+from vfsnap.names import NAME_MAX, SIDECAR_SUFFIX, is_file_of, is_snapshot_name, overlay_file
 
 FORMATS = ("raw", "qcow2")
 # Creation times are served as st_mtime_ns (int64) and as ISO dates: kept within both.
@@ -75,6 +75,21 @@ class _Fields:
         if value is not None:
             self._check_name(key, value)
         return value
+
+    def own(self, key: str, volume: str | None, *, base: bool = True) -> str:
+        """A file of `volume`'s own chain (`<vol>` when `base`, or `<vol>.<snap>`): what a journal
+        entry creates, rewrites or deletes may be nothing else (another volume's file, say)."""
+        value = self.name(key)
+        if volume is not None and not (is_file_of(volume, value) and (base or value != volume)):
+            raise self.error(key, f"{value!r} is not {'a' if base else 'an overlay'} file of volume {volume!r}")
+        return value
+
+    def own_names(self, key: str, volume: str | None) -> tuple[str, ...]:
+        values = self.names(key)
+        for i, value in enumerate(values):
+            if volume is not None and not is_file_of(volume, value):
+                raise self.error(f"{key}[{i}]", f"{value!r} is not a file of volume {volume!r}")
+        return values
 
     def snapshot(self, key: str) -> str:
         value = self.text(key)
@@ -186,9 +201,12 @@ class SnapshotEntry:
     hidden_for: str | None = None
 
     @classmethod
-    def parse(cls, f: _Fields) -> SnapshotEntry:
-        return cls(snapshot=f.snapshot("snapshot"), overlay=f.name("overlay"), backing=f.name("backing"),
-                   hidden_for=f.name("hidden_for", optional=True))
+    def parse(cls, f: _Fields, volume: str | None) -> SnapshotEntry:
+        entry = cls(snapshot=f.snapshot("snapshot"), overlay=f.own("overlay", volume, base=False),
+                    backing=f.own("backing", volume), hidden_for=f.name("hidden_for", optional=True))
+        if volume is not None and entry.overlay != overlay_file(volume, entry.snapshot):
+            raise f.error("overlay", f"must be {overlay_file(volume, entry.snapshot)!r}")
+        return entry
 
     def to_json(self) -> dict:
         return {"op": self.op, "snapshot": self.snapshot, "overlay": self.overlay, "backing": self.backing,
@@ -206,14 +224,16 @@ class DeleteEntry:
     held_for: str | None = None
 
     @classmethod
-    def parse(cls, f: _Fields) -> DeleteEntry:
-        return cls(snapshot=f.snapshot("snapshot"), overlay=f.name("overlay"), held_for=f.name("held_for", optional=True))
+    def parse(cls, f: _Fields, volume: str | None) -> DeleteEntry:
+        return cls(snapshot=f.snapshot("snapshot"), overlay=f.own("overlay", volume, base=False),
+                   held_for=f.name("held_for", optional=True))
 
     def to_json(self) -> dict:
         return {"op": self.op, "snapshot": self.snapshot, "overlay": self.overlay, **_optional("held_for", self.held_for)}
 
 
 REVERT_STATES = ("started", "created")
+REVERT_PREFIX = ".vfsnap-revert-"  # vfsnap/share/revert.py fresh_file
 
 
 @attrs.frozen
@@ -234,11 +254,17 @@ class RevertEntry:
     state: str
 
     @classmethod
-    def parse(cls, f: _Fields) -> RevertEntry:
-        return cls(snapshot=f.snapshot("snapshot"), target=f.name("target"), overlay=f.name("overlay"),
-                   backing=f.name("backing"), backing_format=f.choice("backing_format", FORMATS),
-                   size=f.integer("size"), drop=f.name_map("drop", snapshot_keys=True), files=f.names("files"),
-                   state=f.choice("state", REVERT_STATES))
+    def parse(cls, f: _Fields, volume: str | None) -> RevertEntry:
+        entry = cls(snapshot=f.snapshot("snapshot"), target=f.own("target", volume, base=False),
+                    overlay=f.name("overlay"), backing=f.own("backing", volume),
+                    backing_format=f.choice("backing_format", FORMATS), size=f.integer("size"),
+                    drop=f.name_map("drop", snapshot_keys=True), files=f.own_names("files", volume),
+                    state=f.choice("state", REVERT_STATES))
+        if not entry.overlay.startswith(REVERT_PREFIX):
+            raise f.error("overlay", f"{entry.overlay!r} is not a file a revert creates ({REVERT_PREFIX}*)")
+        if entry.backing == entry.target:
+            raise f.error("backing", "is the file the revert replaces")
+        return entry
 
     def to_json(self) -> dict:
         return {"op": self.op, "snapshot": self.snapshot, "target": self.target, "overlay": self.overlay,
@@ -262,7 +288,7 @@ class CloneEntry:
     pins: tuple[str, ...]
 
     @classmethod
-    def parse(cls, f: _Fields) -> CloneEntry:
+    def parse(cls, f: _Fields, volume: str | None) -> CloneEntry:
         raw = f._get("linked", False)
         if not isinstance(raw, list):
             raise f.error("linked", f"must be a list, not {_kind(raw)}")
@@ -293,7 +319,7 @@ class UnknownEntry:
     _key: str = attrs.field(default="", repr=False)  # compared by content
 
     @classmethod
-    def parse(cls, f: _Fields) -> UnknownEntry:
+    def parse(cls, f: _Fields, volume: str | None) -> UnknownEntry:
         return cls(op=f.text("op"), document=dict(f.document), key=json.dumps(f.document, sort_keys=True))
 
     @property
@@ -309,9 +335,9 @@ JournalEntry = Union[SnapshotEntry, DeleteEntry, RevertEntry, CloneEntry, Unknow
 _ENTRY_TYPES = {cls.op: cls for cls in (SnapshotEntry, DeleteEntry, RevertEntry, CloneEntry)}
 
 
-def _parse_entry(f: _Fields) -> JournalEntry:
+def _parse_entry(f: _Fields, volume: str | None) -> JournalEntry:
     op = f.text("op")
-    return _ENTRY_TYPES.get(op, UnknownEntry).parse(f)
+    return _ENTRY_TYPES.get(op, UnknownEntry).parse(f, volume)
 
 
 # -- the sidecar ---------------------------------------------------------------------------------
@@ -366,7 +392,13 @@ class Sidecar:
 
 
 def parse_sidecar(data: bytes, *, name: str) -> Sidecar:
-    """The sidecar in `data` (the file `name`), or CorruptRecord naming the field at fault."""
+    """The sidecar in `data` (the file `name`), or CorruptRecord naming the field at fault.
+
+    The files a journal entry creates, rewrites or deletes must be files of the volume itself
+    (named as its chain's files are: `<vol>`, `<vol>.<snap>`), the volume being the sidecar's
+    (`name` is `<vol>.vfsnap.json`): a record does not make vfsnap touch another volume's file.
+    """
+    volume = name[: -len(SIDECAR_SUFFIX)] if name.endswith(SIDECAR_SUFFIX) else None
     f = _Fields(_load(data, name), file=name, where="")
     base_format = f.choice("format", FORMATS)
     version = f.integer("version", default=1)
@@ -377,7 +409,7 @@ def parse_sidecar(data: bytes, *, name: str) -> Sidecar:
         raise f.error("snapshots", f"must be a JSON object, not {_kind(snapshots)}")
     created = {snap: _Fields(record, file=name, where=f"snapshots.{snap}").time("created")
                for snap, record in snapshots.items()}
-    journal = tuple(_parse_entry(entry) for entry in f.objects("journal", default=[]))
+    journal = tuple(_parse_entry(entry, volume) for entry in f.objects("journal", default=[]))
     return Sidecar(base_format=base_format, created=created, journal=journal, version=version)
 
 
@@ -427,6 +459,9 @@ def parse_rename_plan(data: bytes, *, name: str) -> RenamePlan:
     for file in plan.formats:
         if file not in plan.chain:
             raise f.error("formats", f"names {file!r}, not a file of the chain")
+    for file, target in plan.files.items():
+        if not is_file_of(plan.old, file) or not is_file_of(plan.new, target):
+            raise f.error(f"files.{file}", f"renames {file!r} to {target!r}: not files of {plan.old!r} and {plan.new!r}")
     if plan.files[plan.old] != plan.new:
         raise f.error(f"files.{plan.old}", f"must be {plan.new!r}")
     if len(set(plan.files.values())) != len(plan.files):

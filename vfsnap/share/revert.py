@@ -30,7 +30,7 @@ import attrs
 
 from vfsnap.errors import Busy, CorruptImage, NewerSnapshots, NotFound, ReadOnly
 from vfsnap.format.create import create_qcow2
-from vfsnap.share.records import DeleteEntry, RevertEntry
+from vfsnap.share.records import REVERT_PREFIX, DeleteEntry, RevertEntry
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def fresh_file(volume_name: str) -> str:
     """The new overlay's name until it replaces the snapshot's: starts with a dot (never a
     volume, never listed), is not a temporary file (those are removed at mount, before the
     journal is read), and is short whatever the volume's name."""
-    return ".vfsnap-revert-" + hashlib.sha256(volume_name.encode()).hexdigest()[:24]
+    return REVERT_PREFIX + hashlib.sha256(volume_name.encode()).hexdigest()[:24]
 
 
 def revert(volume, snapshot: str, *, destroy_newer: bool = False) -> list[str]:
