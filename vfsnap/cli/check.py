@@ -97,10 +97,10 @@ def check_share(share: Share, *, repair: bool) -> Report:
     for volume in volumes:
         try:
             _check_journal(volume, report, repair=repair)
+            if volume.share.dir.exists(volume.sidecar_name):
+                journal_files |= volume.sidecar().journal_overlays()
         except VfsnapError as exc:
             report.problem(f"{volume.name}: {exc}")
-        if volume.share.dir.exists(volume.sidecar_name):
-            journal_files |= volume.sidecar().journal_overlays()
     for name in share.volume_names():
         if name in journal_files:
             continue

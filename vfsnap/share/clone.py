@@ -43,8 +43,8 @@ import attrs
 import trio
 
 from vfsnap.chain.view import ZERO_FD, View
-from vfsnap.errors import AlreadyExists, Busy, NoSpace, NotFound, ReadOnly, VfsnapError
-from vfsnap.format import UNALLOCATED
+from vfsnap.errors import AlreadyExists, Busy, CorruptRecord, NoSpace, NotFound, ReadOnly, VfsnapError
+from vfsnap.format import UNALLOCATED, Qcow2Image
 from vfsnap.format.create import create_qcow2
 from vfsnap.names import SIDECAR_SUFFIX, TEMP_PREFIX, check_volume_name, info_file, is_snapshot_name, sidecar_file
 from vfsnap.share.locks import ChainChange
@@ -296,6 +296,9 @@ async def _copy_some(volume, entry: CloneEntry, state: CopyState, hold_bytes: in
     cheap); the caller holds the chain lock. True when the copy is done."""
     chain = volume.live_chain()
     names = [image.name for image in chain]
+    if volume.name not in names or not isinstance(chain[names.index(volume.name)], Qcow2Image):
+        raise CorruptRecord(f"{volume.sidecar_name}: names an unfinished clone, but the chain "
+                            f"{' '.join(names)} has no qcow2 base {volume.name} to copy into")
     base_index = names.index(volume.name)
     base = chain[base_index]
     if base.backing_file is None:  # the commit point was passed before a crash

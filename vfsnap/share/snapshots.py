@@ -156,6 +156,10 @@ async def run_pending(volume, *, retry_seconds: float = 5.0) -> None:
             except Busy as exc:
                 log.info("%s: %s; merge retried in %s s", volume.name, exc, retry_seconds)
                 await trio.sleep(retry_seconds)
+    except VfsnapError as exc:
+        # Its sidecar does not parse (or its chain does not open): the volume fails alone, the
+        # deletions wait for the next mount (or `vfsnap check --repair`).
+        log.error("%s: journalled deletions cannot run: %s", volume.name, exc)
     finally:
         volume.runner_active = False
         volume.running_merge = None
