@@ -1088,8 +1088,8 @@ RECORD_VOLUMES = 32
 RENAME_PLANS = 6
 # Strings a damaged or planted record may hold: the volume's own files, another volume's, paths.
 RECORD_STRINGS = ["good", "good.s1", "victim", "{v}", "{v}.s1", "{v}.s2", "s1", "s2", "clone-1", "raw", "qcow2",
-                  "delete", "snapshot", "revert", "clone", "created", "started", "", ".", "..", "../victim", "/etc/passwd",
-                  "a\nb", "x" * 300, "\udc80"]
+                  "delete", "snapshot", "revert", "clone", "created", "started", "", ".", "..", "../victim",
+                  "/etc/passwd", "a\nb", "x" * 300, "\udc80"]
 
 
 def _record_value(rng, volume: str, depth: int = 0):
@@ -1169,7 +1169,8 @@ def _inconsistent_sidecars(v: str) -> list[dict]:
         {**base, "journal": [{**revert, "state": "started", "target": f"{v}.s9"}]},
         # a clone entry on a raw base that has no backing file, linked to a volume that is not there
         {**base, "journal": [{"op": "clone", "source": "gone", "snapshot": "s1", "source_overlay": "gone.s1",
-                              "top": "gone", "linked": [["gone", "raw"], ["good", "qcow2"]], "pins": ["gone", "victim"]}]},
+                              "top": "gone", "linked": [["gone", "raw"], ["good", "qcow2"]],
+                              "pins": ["gone", "victim"]}]},
         {**base, "format": "qcow2"},  # a raw base recorded as qcow2
         {**base, "journal": [{"op": "delete", "snapshot": "s1", "overlay": f"{v}.s1", "held_for": v}]},
         {**base, "journal": [{"op": "frobnicate", "overlay": "victim"}]},  # a newer vfsnap's operation
@@ -1222,7 +1223,8 @@ def test_hostile_records_fail_only_their_volume(share, tmp_path, vfsnap_mount):
         with watchdog(mnt, 60):
             listed = os.listdir(mnt.path / "volumes")
             assert {"good", "victim"} <= set(listed)
-            for v in sorted(documents) + [f"r{i}" for i in range(RENAME_PLANS)] + [f"t{i}" for i in range(RENAME_PLANS)]:
+            renames = [f"{prefix}{i}" for prefix in "rt" for i in range(RENAME_PLANS)]
+            for v in sorted(documents) + renames:
                 seen = outcomes.setdefault(v, set())
                 err, _ = attempt(mnt.volume(v))
                 seen.add(f"read:{name_of(err)}")

@@ -21,7 +21,6 @@ from vfsnap.share.records import (
     DeleteEntry,
     RenamePlan,
     RevertEntry,
-    Sidecar,
     SnapshotEntry,
     UnknownEntry,
     parse_rename_plan,
@@ -214,21 +213,26 @@ def _sidecar_with(entry: dict) -> bytes:
     (_sidecar_with({"op": "delete", "snapshot": "s1"}), "journal[0].overlay: missing"),
     (_sidecar_with({"op": "delete", "snapshot": "s1", "overlay": 7}), "journal[0].overlay: must be a string"),
     (_sidecar_with({"op": "delete", "snapshot": "s1", "overlay": "../x"}), "journal[0].overlay: '../x' is not a plain"),
-    (_sidecar_with({"op": "delete", "snapshot": "s.1", "overlay": "v.s1"}), "journal[0].snapshot: 's.1' is not a valid"),
+    (_sidecar_with({"op": "delete", "snapshot": "s.1", "overlay": "v.s1"}),
+     "journal[0].snapshot: 's.1' is not a valid"),
     (_sidecar_with({"op": "snapshot", "snapshot": "s1", "overlay": "vol.s1"}), "journal[0].backing: missing"),
-    (_sidecar_with({"op": "revert", "snapshot": "s1", "target": "vol.s1", "overlay": ".vfsnap-revert-x", "backing": "vol",
+    (_sidecar_with({"op": "revert", "snapshot": "s1", "target": "vol.s1", "overlay": ".vfsnap-revert-x",
+                    "backing": "vol",
                     "backing_format": "raw", "size": -1, "drop": {}, "files": [], "state": "started"}),
      "journal[0].size: must be an integer"),
-    (_sidecar_with({"op": "revert", "snapshot": "s1", "target": "vol.s1", "overlay": ".vfsnap-revert-x", "backing": "vol",
+    (_sidecar_with({"op": "revert", "snapshot": "s1", "target": "vol.s1", "overlay": ".vfsnap-revert-x",
+                    "backing": "vol",
                     "backing_format": "raw", "size": 1, "drop": {}, "files": [None], "state": "started"}),
      "journal[0].files[0]: must be a string"),
     # What an entry creates, rewrites or deletes is a file of the volume itself.
     (_sidecar_with({"op": "delete", "snapshot": "s1", "overlay": "victim"}),
      "journal[0].overlay: 'victim' is not an overlay file of volume 'vol'"),
-    (_sidecar_with({"op": "delete", "snapshot": "s1", "overlay": "vol"}), "journal[0].overlay: 'vol' is not an overlay"),
+    (_sidecar_with({"op": "delete", "snapshot": "s1", "overlay": "vol"}),
+     "journal[0].overlay: 'vol' is not an overlay"),
     (_sidecar_with({"op": "snapshot", "snapshot": "s1", "overlay": "vol.s2", "backing": "vol"}),
      "journal[0].overlay: must be 'vol.s1'"),
-    (_sidecar_with({"op": "revert", "snapshot": "s1", "target": "vol.s1", "overlay": ".vfsnap-revert-x", "backing": "vol",
+    (_sidecar_with({"op": "revert", "snapshot": "s1", "target": "vol.s1", "overlay": ".vfsnap-revert-x",
+                    "backing": "vol",
                     "backing_format": "raw", "size": 1, "drop": {}, "files": ["victim"], "state": "started"}),
      "journal[0].files[0]: 'victim' is not a file of volume 'vol'"),
     (_sidecar_with({"op": "revert", "snapshot": "s1", "target": "vol.s1", "overlay": "victim", "backing": "vol",
@@ -318,8 +322,8 @@ def _parses_or_refuses(parse, data: bytes, name: str):
 
 
 @FUZZ
-@given(st.one_of(mutated([OLD_SIDECAR, OLD_CLONE_SIDECAR, OLD_EMPTY_SIDECAR]), JSON.map(lambda d: json.dumps(d).encode()),
-                 st.binary(max_size=64)))
+@given(st.one_of(mutated([OLD_SIDECAR, OLD_CLONE_SIDECAR, OLD_EMPTY_SIDECAR]),
+                 JSON.map(lambda d: json.dumps(d).encode()), st.binary(max_size=64)))
 def test_any_sidecar_document_is_a_record_or_corrupt_record(data):
     sidecar = _parses_or_refuses(parse_sidecar, data, "vol.vfsnap.json")
     if sidecar is not None:

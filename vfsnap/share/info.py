@@ -17,7 +17,10 @@ import attrs
 
 from vfsnap.errors import CorruptImage
 from vfsnap.names import is_snapshot_name
-from vfsnap.share.records import Sidecar, parse_sidecar  # noqa: F401 - the sidecar's home is records.py
+from vfsnap.share.records import Sidecar, parse_sidecar
+
+# The sidecar's home is vfsnap.share.records; importable from here as before.
+__all__ = ["Sidecar", "VolumeInfo", "parse_info", "parse_sidecar"]
 
 
 @attrs.frozen

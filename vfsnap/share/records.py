@@ -229,7 +229,8 @@ class DeleteEntry:
                    held_for=f.name("held_for", optional=True))
 
     def to_json(self) -> dict:
-        return {"op": self.op, "snapshot": self.snapshot, "overlay": self.overlay, **_optional("held_for", self.held_for)}
+        return {"op": self.op, "snapshot": self.snapshot, "overlay": self.overlay,
+                **_optional("held_for", self.held_for)}
 
 
 REVERT_STATES = ("started", "created")
@@ -461,7 +462,8 @@ def parse_rename_plan(data: bytes, *, name: str) -> RenamePlan:
             raise f.error("formats", f"names {file!r}, not a file of the chain")
     for file, target in plan.files.items():
         if not is_file_of(plan.old, file) or not is_file_of(plan.new, target):
-            raise f.error(f"files.{file}", f"renames {file!r} to {target!r}: not files of {plan.old!r} and {plan.new!r}")
+            raise f.error(f"files.{file}",
+                          f"renames {file!r} to {target!r}: not files of {plan.old!r} and {plan.new!r}")
     if plan.files[plan.old] != plan.new:
         raise f.error(f"files.{plan.old}", f"must be {plan.new!r}")
     if len(set(plan.files.values())) != len(plan.files):

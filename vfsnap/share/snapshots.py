@@ -166,7 +166,8 @@ async def run_pending(volume, *, retry_seconds: float = 5.0) -> None:
 
 
 def _pending(volume) -> list[DeleteEntry]:
-    return [e for e in volume.sidecar().entries(DeleteEntry) if e.snapshot not in volume.failed and not _held(volume, e)]
+    return [e for e in volume.sidecar().entries(DeleteEntry)
+            if e.snapshot not in volume.failed and not _held(volume, e)]
 
 
 def _held(volume, entry: DeleteEntry) -> bool:

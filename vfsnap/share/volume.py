@@ -26,9 +26,9 @@ from vfsnap.format.header import MAGIC, read_header
 from vfsnap.format.tables import write_error
 from vfsnap.names import info_file, sidecar_file
 from vfsnap.share.info import VolumeInfo, parse_info
-from vfsnap.share.records import DeleteEntry, Sidecar, parse_sidecar
 from vfsnap.share.locks import VolumeLocks
 from vfsnap.share.qemu_locks import READING, UNUSED, WRITING, ImageLocks, ImageUse
+from vfsnap.share.records import DeleteEntry, Sidecar, parse_sidecar
 
 log = logging.getLogger(__name__)
 
