@@ -76,6 +76,15 @@ def check_volume_name(name: str | bytes) -> str:
     return text
 
 
+def is_file_of(volume: str, file_name: str) -> bool:
+    """Whether `file_name` may be a file of `volume`'s chain: `<vol>` or `<vol>.<snap>` with a
+    valid snapshot name (DESIGN.md invariant 5)."""
+    if file_name == volume:
+        return True
+    prefix = volume + "."
+    return file_name.startswith(prefix) and is_snapshot_name(file_name[len(prefix) :])
+
+
 def overlay_file(volume: str, snapshot: str) -> str:
     """The file Cinder's layout gives the overlay created by snapshot `snapshot`."""
     name = f"{volume}.{snapshot}"

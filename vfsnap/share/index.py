@@ -220,10 +220,10 @@ class ShareIndex:
         return self._infos.get(volume)
 
     def _journal_names(self, volume: str) -> frozenset[str] | None:
-        from vfsnap.share.info import parse_sidecar
+        from vfsnap.share.records import parse_sidecar
 
         def names(data: bytes, file_name: str):
-            return {e.get("overlay") for e in parse_sidecar(data, name=file_name).journal} - {None}
+            return parse_sidecar(data, name=file_name).journal_overlays()
 
         return self._document(volume + SIDECAR_SUFFIX, names)
 
@@ -241,7 +241,7 @@ class ShareIndex:
                 log.warning("%s", exc)
                 continue
             if entry is not None:
-                files |= (set(entry["files"]) | set(entry["files"].values())) - {entry["from"], entry["to"]}
+                files |= (set(entry.files) | set(entry.files.values())) - {entry.old, entry.new}
         return files
 
     # -- changes made through the mount ---------------------------------------------------

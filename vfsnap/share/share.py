@@ -26,7 +26,7 @@ from vfsnap.names import (
 from vfsnap.options import MountOptions
 from vfsnap.share.files import ShareDir
 from vfsnap.share.index import ShareIndex
-from vfsnap.share.info import Sidecar
+from vfsnap.share.records import Sidecar
 from vfsnap.share.mounts import coherence_warnings, mount_holding
 from vfsnap.share.volume import Volume
 
@@ -147,8 +147,11 @@ class Share:
                 log.info("%s", line)
                 self.index.invalidate()
             for entry in pending_renames(self):
-                log.info("%s: finishing the interrupted rename of %s to %s", self.path, entry["from"], entry["to"])
-                run_rename(self, entry)
+                log.info("%s: finishing the interrupted rename of %s to %s", self.path, entry.old, entry.new)
+                try:
+                    run_rename(self, entry)
+                except VfsnapError as exc:  # a plan that does not fit the files: the others go on
+                    log.error("%s: renaming %s to %s cannot be finished: %s", self.path, entry.old, entry.new, exc)
                 self.index.invalidate()
             yield
             for volume in self.volumes_with_journal():

@@ -25,9 +25,10 @@ from vfsnap.format.create import round_size
 from vfsnap.format.header import MAGIC, read_header
 from vfsnap.format.tables import write_error
 from vfsnap.names import info_file, sidecar_file
-from vfsnap.share.info import Sidecar, VolumeInfo, parse_info, parse_sidecar
+from vfsnap.share.info import VolumeInfo, parse_info
 from vfsnap.share.locks import VolumeLocks
 from vfsnap.share.qemu_locks import READING, UNUSED, WRITING, ImageLocks, ImageUse
+from vfsnap.share.records import DeleteEntry, Sidecar, parse_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -399,7 +400,7 @@ class Volume:
     def pending_deletes(self) -> list[str]:
         if self._sidecar is None and not self.share.dir.exists(self.sidecar_name):
             return []
-        return [e["snapshot"] for e in self.sidecar().journal if e["op"] == "delete"]
+        return [e.snapshot for e in self.sidecar().entries(DeleteEntry)]
 
     def snapshots(self) -> list[str]:
         """Visible snapshot ids, oldest first (by their overlays' position in the chain).
