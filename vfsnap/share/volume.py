@@ -47,6 +47,13 @@ class VolumeStat:
     exact: bool = True  # False: size and allocation are the base file's (see Volume.stat)
 
 
+def listed_stat(base: os.stat_result, size: int | None = None) -> VolumeStat:
+    """What a listing shows of a volume not in use: its base file's figures, read from its
+    `lstat` alone (`size`, when known, the size last seen), marked inexact (`Volume.stat`)."""
+    return VolumeStat(base.st_mode, base.st_uid, base.st_gid, round_size(base.st_size) if size is None else size,
+                      base.st_blocks * 512, base.st_mtime_ns, base.st_ctime_ns, base.st_atime_ns, exact=False)
+
+
 # Less unsynced data than this is synced where it is (the request thread): it takes little
 # time, and syncing it on a worker first would add a sync to the ordered flush that follows
 # (measured: mkdir under a 4 KiB writer went from 15 to 25 ms median).
@@ -138,9 +145,7 @@ class Volume:
             return VolumeStat(base.st_mode, base.st_uid, base.st_gid, view.size, view.allocated_bytes(),
                               top.st_mtime_ns, top.st_ctime_ns, top.st_atime_ns)
         if not exact:
-            size = self._peeked[1] if self._peeked is not None else round_size(base.st_size)
-            return VolumeStat(base.st_mode, base.st_uid, base.st_gid, size, base.st_blocks * 512,
-                              base.st_mtime_ns, base.st_ctime_ns, base.st_atime_ns, exact=False)
+            return listed_stat(base, self._peeked[1] if self._peeked is not None else None)
         if self._info is not None:
             info = self.info()
         else:  # not read yet: what the index's scan read, if anything
