@@ -10,6 +10,7 @@ NAME_MAX. `<vol>.<snap>` must fit too; that is checked when the snapshot is take
 
 from __future__ import annotations
 
+import functools
 import re
 
 from vfsnap.errors import InvalidName, NameTooLong
@@ -36,6 +37,7 @@ def _as_bytes(name: str | bytes) -> bytes:
     return name if isinstance(name, bytes) else name.encode("utf-8", "surrogateescape")
 
 
+@functools.lru_cache(maxsize=1 << 16)  # the share's index asks it of every file at every scan
 def is_snapshot_name(name: str | bytes) -> bool:
     try:
         check_snapshot_name(name)
@@ -56,6 +58,7 @@ def check_snapshot_name(name: str | bytes) -> str:
     return text
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def is_volume_name(name: str | bytes) -> bool:
     """`check_volume_name` without the exception (the share's index asks it of every file)."""
     raw = _as_bytes(name)
