@@ -28,11 +28,12 @@ import trio
 from vfsnap.chain.backing import ChainRules, backing_chain
 from vfsnap.chain.view import View
 from vfsnap.errors import Busy, CorruptImage, NotFound, NotPermitted, VfsnapError
-from vfsnap.format import Image, Qcow2Image, probe_format
+from vfsnap.format import Image
 from vfsnap.format.create import round_size
 from vfsnap.format.header import MAGIC, read_header
 from vfsnap.format.tables import write_error
 from vfsnap.names import info_file, sidecar_file
+from vfsnap.share.first_meeting import first_record, guess_creation_time, probe_base
 from vfsnap.share.info import Sidecar, VolumeInfo, parse_info
 from vfsnap.share.locks import VolumeLocks
 from vfsnap.share.open_images import OpenImages
@@ -92,7 +93,7 @@ class Volume:
         self._info: VolumeInfo | None = None
         self._info_bytes: bytes | None = None
         self._info_checked = 0.0
-        self.sidecar_store = SidecarStore(share, sidecar_file(name), meet=self._first_meeting)
+        self.sidecar_store = SidecarStore(share, sidecar_file(name), meet=lambda: first_record(self))
         self.images = OpenImages(share, name, use_of=self._qemu_use, in_use=lambda: bool(self.open_count))
         self._peeked: tuple[tuple, int] | None = None  # (file identity, virtual size): see stat()
         self._live_view: View | None = None
@@ -177,7 +178,7 @@ class Volume:
         else:
             recorded = self.sidecar_store.on_share_or_met()
             # Not met yet: what the first meeting will record (probed, not recorded now).
-            image_format = recorded.base_format if recorded is not None else self._probe_base()
+            image_format = recorded.base_format if recorded is not None else probe_base(self)
         if image_format == "raw":
             size = round_size(st.st_size)
         else:
@@ -252,48 +253,6 @@ class Volume:
         if self.sidecar_store.save_first_meeting():
             log.info("%s: first seen; recorded base format %s", self.name, self.sidecar().base_format)
 
-    def _first_meeting(self) -> Sidecar:
-        info = self.info()
-        base_format = self._declared_base_format(info) or self._probe_base()
-        created = {snapshot: self._guess_creation_time(overlay) for snapshot, overlay in info.snapshots.items()}
-        return Sidecar(base_format=base_format, created=created)
-
-    def _declared_base_format(self, info: VolumeInfo) -> str | None:
-        """The base's format as the overlay just above it declares it, if one does."""
-        rules = ChainRules(self.name, base_format="raw", max_depth=self.share.options.max_chain_depth)
-        name, depth = info.active, 0
-        while name != self.name and rules.belongs(name) and depth <= rules.max_depth:
-            image = self._open_member(name, "qcow2")
-            assert isinstance(image, Qcow2Image)
-            if image.backing_file == self.name:
-                return image.backing_format
-            if image.backing_file is None:
-                return None
-            name, depth = image.backing_file, depth + 1
-        return None
-
-    def _probe_base(self) -> str:
-        fd = self.share.dir.open_regular(self.name, os.O_RDONLY)
-        try:
-            return probe_format(fd)
-        finally:
-            os.close(fd)
-
-    def _guess_creation_time(self, overlay: str) -> float:
-        """For a snapshot vfsnap did not take: when its data stopped changing.
-
-        The data of a snapshot is the chain below its overlay, and the file just below was last
-        written right before the snapshot was taken; the overlay's own times move on.
-        """
-        try:
-            image = self._open_member(overlay, "qcow2")
-            below = getattr(image, "backing_file", None)
-            st = self.share.dir.stat(below) if below else None
-            st = st or self.share.dir.stat(overlay)
-            return st.st_mtime if st else time.time()
-        except VfsnapError:
-            return time.time()
-
     # -- images and chains ----------------------------------------------------------------
 
     def rules(self) -> ChainRules:
@@ -306,8 +265,9 @@ class Volume:
     def format_of(self, file_name: str) -> str:
         return self.rules().format_of(file_name, None, referrer=self.info_name)
 
-    def _open_member(self, name: str, image_format: str) -> Image:
-        """Open (once) a file of the volume; the active image read-write unless the mount is ro."""
+    def open_member(self, name: str, image_format: str) -> Image:
+        """The image object of a file of the volume (opened once, shared by every view); the
+        active image read-write unless the mount is read-only."""
         writable = not self.share.read_only and self._info is not None and name == self._info.active
         return self.images.open(name, image_format, writable=writable)
 
@@ -328,12 +288,12 @@ class Volume:
         info = self.info()
         rules = self.rules()
         return backing_chain(info.active, rules.format_of(info.active, None, referrer=self.info_name), rules,
-                             self._open_member)
+                             self.open_member)
 
     def snapshot_chain(self, snapshot: str) -> list[Image]:
         """The images of snapshot `snapshot`'s data: the chain below its overlay."""
         overlay = self.info().snapshots[snapshot]
-        chain = backing_chain(overlay, "qcow2", self.rules(), self._open_member)
+        chain = backing_chain(overlay, "qcow2", self.rules(), self.open_member)
         if len(chain) < 2:
             raise CorruptImage(f"{overlay}: snapshot overlay has no backing file")
         return chain[:-1]
@@ -409,7 +369,7 @@ class Volume:
         created = self.sidecar_store.created(snapshot)
         if created is None:
             overlay = self.info().snapshots.get(snapshot)
-            created = self._guess_creation_time(overlay) if overlay else time.time()
+            created = guess_creation_time(self, overlay) if overlay else time.time()
             if overlay:
                 self.sidecar_store.note_guess(snapshot, created)
         return created
