@@ -26,6 +26,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import drop_caches  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 WORKDIR = Path("/var/tmp/vfsnap-clone-bench")
@@ -40,13 +44,6 @@ def parse_size(text: str) -> int:
 def run(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(list(args), check=True, capture_output=True, text=True, cwd=ROOT, **kwargs)
 
-
-def drop_caches() -> None:
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        print("(cannot drop the page cache: not root; figures include a warm cache)", file=sys.stderr)
 
 
 def build(share: Path, size: int, allocated: int) -> None:

@@ -13,8 +13,9 @@ sudo=""
 
 runtime_packages=(fuse3 libfuse3-dev pkg-config gcc python3 python3-venv python3-dev qemu-utils attr)
 # qemu-system-common: qemu-storage-daemon (benchmark reference); fio, rsync: real clients in tests;
-# glusterfs-server, glusterfs-client: the GlusterFS volume of tests/gluster.py (which installs them too).
-test_packages=(qemu-system-common fio rsync e2fsprogs psmisc glusterfs-server glusterfs-client)
+# glusterfs-server, glusterfs-client: the GlusterFS volume of tests/gluster.py (which installs them too);
+# util-linux, mount: setpriv, unshare, nsenter, mount(8) (required in Debian, named so nothing is assumed).
+test_packages=(qemu-system-common fio rsync e2fsprogs psmisc glusterfs-server glusterfs-client util-linux mount)
 
 packages=("${runtime_packages[@]}")
 [ "$with_tests" = 1 ] && packages+=("${test_packages[@]}")

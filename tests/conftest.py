@@ -33,6 +33,22 @@ def fuse_usable() -> bool:
 requires_fuse = pytest.mark.requires_fuse
 
 
+def requires_commands(*commands: str) -> pytest.MarkDecorator:
+    """Mark a test that runs these programs: it fails (never skips) where one is missing, since
+    scripts/setup.sh --test installs every one of them (`pytest_runtest_setup` below)."""
+    return pytest.mark.requires_commands(*commands)
+
+
+def mount_tmpfs(path: Path, size: int | str) -> None:
+    """Mount a tmpfs of `size` (bytes, or `8m`) on `path`. Mounting needs root, which the suite has
+    (scripts/test.sh runs as root, as GlusterFS needs): where it cannot, the test fails, never skips."""
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "vfsnap-test", str(path)],
+                            check=False, capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs on {path} (euid {os.geteuid()}; the tests run as root): "
+                    f"{result.stderr.strip()}", pytrace=False)
+
+
 def unmount(mountpoint: Path | str, *, lazy: bool = False) -> bool:
     args = [FUSERMOUNT, "-u", "-q"] + (["-z"] if lazy else []) + [str(mountpoint)]
     return subprocess.run(args, capture_output=True).returncode == 0
@@ -177,6 +193,8 @@ def vfsnap_mount(share: Path, mountpoint: Path, request):
 def pytest_configure(config):
     config.addinivalue_line("markers", "allow_daemon_errors: the test provokes daemon-side errors on purpose")
     config.addinivalue_line("markers", "requires_fuse: the test mounts vfsnap; fails when /dev/fuse is unusable")
+    config.addinivalue_line("markers", "requires_commands(*names): the test runs these programs; fails when one is "
+                            "missing")
 
 
 def pytest_runtest_setup(item):
@@ -184,3 +202,35 @@ def pytest_runtest_setup(item):
         pytest.fail("this test mounts vfsnap but FUSE cannot be used here: "
                     f"/dev/fuse {'exists' if os.path.exists('/dev/fuse') else 'is missing'}, "
                     f"fusermount3 {'found' if FUSERMOUNT else 'not found'}", pytrace=False)
+    needed = [name for marker in item.iter_markers("requires_commands") for name in marker.args]
+    missing = [name for name in needed if shutil.which(name) is None]
+    if missing:
+        pytest.fail(f"this test runs {', '.join(missing)}, not installed here (scripts/setup.sh --test installs "
+                    "them)", pytrace=False)
+
+
+# VFSNAP_FAIL_ON_SKIP=1 (set by scripts/test.sh, so CI): a skipped test is reported as failed, so that a
+# run that did not test something can never be green. The suite itself never skips (a setup that cannot
+# be done fails); this catches a skip added later or raised by a plugin (an empty parametrization).
+FAIL_ON_SKIP = os.environ.get("VFSNAP_FAIL_ON_SKIP") == "1"
+
+
+def _skip_as_failure(report) -> None:
+    if FAIL_ON_SKIP and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped, but this run allows no skips (VFSNAP_FAIL_ON_SKIP=1): {reason}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    _skip_as_failure(report)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    report = yield
+    _skip_as_failure(report)
+    return report

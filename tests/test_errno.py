@@ -194,3 +194,11 @@ def test_unknown_xattr_is_enodata(mnt):
     expect_errno(errno.ENODATA, os.getxattr, mnt.volume("vol"), "user.other")
     assert os.getxattr(mnt.volume("vol"), "user.vfsnap.format") == b"raw"
     assert b"vol <- vol.s1 <- vol.s2" == os.getxattr(mnt.volume("vol"), "user.vfsnap.chain")
+
+
+def test_other_xattr_namespaces_are_not_supported(mnt):
+    """vfsnap keeps no security., system. or trusted. attributes: EOPNOTSUPP (so `ls -l` stops
+    asking after the first file), while unknown `user.` names are ENODATA (above)."""
+    for path in (mnt.volume("vol"), mnt.path / "volumes", mnt.path / "snapshots" / "vol"):
+        for name in ("security.selinux", "system.posix_acl_access", "trusted.x"):
+            expect_errno(errno.EOPNOTSUPP, os.getxattr, path, name)

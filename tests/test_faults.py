@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Mount, requires_fuse, unmount
+from tests.conftest import Mount, mount_tmpfs, requires_fuse, unmount
 from tests.qemu import check as qemu_check
 from tests.qemu import create, qemu_io, write_info
 from tests.test_check import (
@@ -542,10 +542,7 @@ def test_rename_failing_at_every_operation(mounts, template, tmp_path, err):
 def small_tmpfs(tmp_path: Path):
     path = tmp_path / "tmpfs"
     path.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m,mode=0755", "tmpfs", str(path)],
-                            check=False, capture_output=True, text=True)
-    if result.returncode:
-        pytest.skip(f"cannot mount a tmpfs: {result.stderr.strip()}")
+    mount_tmpfs(path, "12m")
     try:
         yield path
     finally:

@@ -17,6 +17,7 @@ import errno
 import json
 import os
 import pwd
+import random
 import shutil
 import socket
 import stat
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Mount, requires_fuse, wait_for
+from tests.conftest import Mount, requires_commands, requires_fuse, wait_for
 from tests.qemu import (
     create,
     flat_bytes,
@@ -957,7 +958,7 @@ def _unprivileged() -> tuple[int, int]:
     try:
         user = pwd.getpwnam("nobody")
     except KeyError:
-        pytest.skip("no user `nobody`")
+        pytest.fail("no user `nobody` (Debian's base-passwd always has it)", pytrace=False)
     return user.pw_uid, user.pw_gid
 
 
@@ -1004,8 +1005,6 @@ def as_user(uid: int, gid: int, *steps: tuple) -> list[str]:
 @pytest.fixture
 def open_mountpoint():
     """A mountpoint an unprivileged user can reach (pytest's tmp_path is private to root)."""
-    if not shutil.which("setpriv"):
-        pytest.skip("needs setpriv")
     base = Path(tempfile.mkdtemp(prefix="vfsnap-perm-", dir="/tmp"))
     os.chmod(base, 0o755)
     (base / "mnt").mkdir(mode=0o755)
@@ -1013,6 +1012,7 @@ def open_mountpoint():
     shutil.rmtree(base, ignore_errors=True)
 
 
+@requires_commands("setpriv")
 def test_permissions_with_allow_other(share, open_mountpoint, vfsnap_mount):
     uid, gid = _unprivileged()
     volumes = {  # name: (mode, owner, fill byte)
@@ -1078,3 +1078,182 @@ def test_permissions_with_allow_other(share, open_mountpoint, vfsnap_mount):
     wait_for(lambda: os.stat(mnt.volume("public")).st_uid == uid, "the chown to show", 10)
     assert as_user(uid, gid, ("read", v("public"), 4), ("mkdir", s("public", "now"), None)) == [
         "ok:" + "22" * 4, "ok"]
+
+
+# -- 5. vfsnap's own records on the share: sidecars, journals, rename plans ---------------------------
+
+RECORDS_SEED = 20261203
+RECORD_VOLUMES = 32
+RENAME_PLANS = 6
+# Strings a damaged or planted record may hold: the volume's own files, another volume's, paths.
+RECORD_STRINGS = ["good", "good.s1", "victim", "{v}", "{v}.s1", "{v}.s2", "s1", "s2", "clone-1", "raw", "qcow2",
+                  "delete", "snapshot", "revert", "clone", "created", "started", "", ".", "..", "../victim",
+                  "/etc/passwd", "a\nb", "x" * 300, "\udc80"]
+
+
+def _record_value(rng, volume: str, depth: int = 0):
+    kind = rng.randrange(9 if depth < 2 else 6)
+    if kind <= 2:
+        return rng.choice(RECORD_STRINGS).replace("{v}", volume)
+    if kind == 3:
+        return rng.choice([0, -1, 1 << 64, 1.5, 1e300, True, None])
+    if kind == 4:
+        return rng.choice([float("nan"), float("inf"), ""])
+    if kind == 5:
+        return rng.randrange(1 << 31)
+    if kind == 6:
+        return [_record_value(rng, volume, depth + 1) for _ in range(rng.randrange(3))]
+    if kind == 7:
+        return {rng.choice(["op", "snapshot", "overlay", "files", "from", "to"]): _record_value(rng, volume, depth + 1)}
+    return {}
+
+
+def _mutate_record(rng, document, volume: str):
+    """A valid record with 1-3 values replaced or keys dropped (anywhere in it)."""
+    for _ in range(rng.choice([1, 1, 2, 3])):
+        places = []
+
+        def walk(node):
+            if isinstance(node, dict):
+                for key, value in node.items():
+                    places.append((node, key))
+                    walk(value)
+            elif isinstance(node, list):
+                for i, value in enumerate(node):
+                    places.append((node, i))
+                    walk(value)
+
+        walk(document)
+        if not places:
+            break
+        parent, key = rng.choice(places)
+        if isinstance(parent, dict) and rng.random() < 0.4:
+            del parent[key]
+        else:
+            parent[key] = _record_value(rng, volume)
+    return document
+
+
+def _valid_sidecars(v: str, rng) -> list[dict]:
+    """Sidecars vfsnap writes for a raw volume `v` with snapshot s1 (overlay `v.s1`, active)."""
+    base = {"format": "raw", "version": 1, "snapshots": {"s1": {"created": 1764770000.5}}}
+    revert = {"op": "revert", "snapshot": "s1", "target": f"{v}.s1", "overlay": ".vfsnap-revert-" + "0" * 24,
+              "backing": v, "backing_format": "raw", "size": SIZE, "drop": {}, "files": [],
+              "state": rng.choice(["started", "created"])}
+    return [
+        {**base, "journal": [{"op": "delete", "snapshot": "s1", "overlay": f"{v}.s1"}]},
+        {**base, "journal": [{"op": "snapshot", "snapshot": "s2", "overlay": f"{v}.s2", "backing": f"{v}.s1"}]},
+        {**base, "journal": [{"op": "snapshot", "snapshot": "s2", "overlay": f"{v}.s2", "backing": f"{v}.s1",
+                              "hidden_for": "copy"}]},
+        {**base, "journal": [revert]},
+        {**base, "journal": [{"op": "delete", "snapshot": "s1", "overlay": f"{v}.s1", "held_for": "good"}]},
+        {**base, "journal": [{"op": "clone", "source": "good", "snapshot": "s1", "source_overlay": "good.s1",
+                              "top": "good", "linked": [["good", "qcow2"]], "pins": ["good"]}]},
+        base,
+    ]
+
+
+def _inconsistent_sidecars(v: str) -> list[dict]:
+    """Records that parse but do not fit the files: what a crash on another host, an admin's
+    hand or an old backup can leave."""
+    base = {"format": "raw", "version": 1, "snapshots": {}}
+    revert = {"op": "revert", "snapshot": "s1", "target": f"{v}.s1", "overlay": ".vfsnap-revert-" + "1" * 24,
+              "backing": v, "backing_format": "qcow2", "size": 1 << 62, "drop": {"s9": f"{v}.s9"},
+              "files": [f"{v}.s9", v], "state": "created"}
+    return [
+        {**base, "journal": [{"op": "delete", "snapshot": "s9", "overlay": f"{v}.s9"}]},  # no such snapshot
+        {**base, "journal": [{"op": "delete", "snapshot": "s1", "overlay": f"{v}.s1"}] * 2},
+        {**base, "journal": [{"op": "snapshot", "snapshot": "s1", "overlay": f"{v}.s1", "backing": v}]},
+        {**base, "journal": [revert]},
+        {**base, "journal": [{**revert, "state": "started", "target": f"{v}.s9"}]},
+        # a clone entry on a raw base that has no backing file, linked to a volume that is not there
+        {**base, "journal": [{"op": "clone", "source": "gone", "snapshot": "s1", "source_overlay": "gone.s1",
+                              "top": "gone", "linked": [["gone", "raw"], ["good", "qcow2"]],
+                              "pins": ["gone", "victim"]}]},
+        {**base, "format": "qcow2"},  # a raw base recorded as qcow2
+        {**base, "journal": [{"op": "delete", "snapshot": "s1", "overlay": f"{v}.s1", "held_for": v}]},
+        {**base, "journal": [{"op": "frobnicate", "overlay": "victim"}]},  # a newer vfsnap's operation
+    ]
+
+
+def _rename_plan(old: str, new: str) -> dict:
+    return {"op": "rename", "from": old, "to": new, "files": {old: new, f"{old}.s1": f"{new}.s1"},
+            "chain": [old, f"{old}.s1"], "formats": {old: "raw", f"{old}.s1": "qcow2"}}
+
+
+@pytest.mark.allow_daemon_errors  # checked below: errors logged cleanly, no traceback
+def test_hostile_records_fail_only_their_volume(share, tmp_path, vfsnap_mount):
+    """Damaged or planted sidecars, journal entries and rename plans (valid records mutated,
+    seeded: values replaced by other types, paths, other volumes' names, huge numbers; keys
+    dropped): every access to their volume answers data or a clear errno (EIO for a record that
+    does not parse), never a traceback or "unexpected error"; nothing hangs; the other volumes
+    (`good`, `victim`) keep their data, also across a remount that runs the recovery."""
+    from vfsnap.share.rename import journal_file
+
+    rng = random.Random(RECORDS_SEED)
+    good = make_good(share)
+    marker_file(share / "victim")
+    documents = {}
+    for i in range(RECORD_VOLUMES):
+        v = f"v{i:02d}"
+        create(share / v, SIZE, fmt="raw")
+        qemu_io(share / v, f"write -P 0x{0x40 + i:02x} 0 {SIZE}", fmt="raw")
+        create(share / f"{v}.s1", SIZE, backing=v, backing_fmt="raw")
+        write_info(share, v, f"{v}.s1", {"s1": f"{v}.s1"})
+        inconsistent = _inconsistent_sidecars(v)
+        if i < len(inconsistent):
+            document = inconsistent[i]
+        else:
+            document = _mutate_record(rng, rng.choice(_valid_sidecars(v, rng)), v)
+        documents[v] = document
+        (share / f"{v}.vfsnap.json").write_text(json.dumps(document, indent=1, sort_keys=True))
+    for i in range(RENAME_PLANS):
+        old, new = f"r{i}", f"t{i}"
+        create(share / old, SIZE, fmt="raw")
+        create(share / f"{old}.s1", SIZE, backing=old, backing_fmt="raw")
+        write_info(share, old, f"{old}.s1", {"s1": f"{old}.s1"})
+        plan = _mutate_record(rng, _rename_plan(old, new), old) if i else _rename_plan(old, new)
+        (share / journal_file(new)).write_text(json.dumps(plan, indent=1, sort_keys=True))
+
+    clear = {errno.EIO, errno.ENOENT, errno.EBUSY, errno.EEXIST}
+    outcomes: dict[str, set[str]] = {}
+
+    def exercise(mnt: Mount) -> None:
+        with watchdog(mnt, 60):
+            listed = os.listdir(mnt.path / "volumes")
+            assert {"good", "victim"} <= set(listed)
+            renames = [f"{prefix}{i}" for prefix in "rt" for i in range(RENAME_PLANS)]
+            for v in sorted(documents) + renames:
+                seen = outcomes.setdefault(v, set())
+                err, _ = attempt(mnt.volume(v))
+                seen.add(f"read:{name_of(err)}")
+                assert err in clear | {None}, f"{v}: read: {name_of(err)}"
+                steps = [("ls", os.listdir, mnt.snapshot_dir(v)), ("mkdir", os.mkdir, mnt.snapshot_dir(v, "n1")),
+                         ("rmdir", os.rmdir, mnt.snapshot_dir(v, "s1"))]
+                for what, call, path in steps:
+                    try:
+                        call(path)
+                        seen.add(f"{what}:ok")
+                    except OSError as exc:
+                        seen.add(f"{what}:{name_of(exc.errno)}")
+                        assert exc.errno in clear, f"{v}: {what}: {name_of(exc.errno)}"
+            assert_good(mnt, good)
+            assert mnt.volume("victim").read_bytes()[:len(MARKER)] == MARKER
+
+    mnt = vfsnap_mount()
+    exercise(mnt)
+    assert not mnt.unexpected_errors(), "\n".join(mnt.unexpected_errors()[:20])
+    mnt.stop()
+    mnt = vfsnap_mount()  # the mount's recovery runs over what the first one left
+    exercise(mnt)
+    assert not mnt.unexpected_errors(), "\n".join(mnt.unexpected_errors()[:20])
+    mnt.stop()
+    for args in (["check", str(share)], ["check", "--repair", str(share)]):
+        result = subprocess.run([sys.executable, "-m", "vfsnap", *args], capture_output=True, text=True,
+                                cwd=Path(__file__).parent.parent, timeout=120)
+        assert result.returncode in (0, 2) and "Traceback" not in result.stderr, (args, result.stderr[-3000:])
+    assert (share / "victim").read_bytes()[:len(MARKER)] == MARKER
+    for name in ("good", "good.s1"):
+        assert (share / name).exists(), f"{name} was removed"
+    assert_good(vfsnap_mount(), good)
+    print(json.dumps({v: sorted(s) for v, s in outcomes.items()}, sort_keys=True))

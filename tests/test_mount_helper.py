@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, requires_fuse, unmount
+from tests.conftest import ROOT, requires_commands, requires_fuse, unmount
 from vfsnap.cli.mount_helper import HelperCall, UsageError, normalise_options, parse_args
 from vfsnap.errors import InvalidName
 
@@ -93,30 +92,37 @@ def test_sloppy_drops_unknown_options_but_not_bad_values(capsys):
 def helpers_installed():
     """/sbin/mount.vfsnap and /sbin/mount.fuse.vfsnap running this checkout's code.
 
-    Links that lead elsewhere (or nowhere) are pointed at the checkout's ./mount.vfsnap for the
-    tests and restored afterwards.
+    scripts/setup.sh (run by scripts/test.sh, so in CI) links them into the checkout's .venv. Links
+    that lead elsewhere (or nowhere) are pointed at the checkout's ./mount.vfsnap for the tests and
+    restored afterwards. What cannot be set up fails the tests that need it: a run without them has
+    not tested what `mount -t vfsnap` and fstab lines do.
     """
     if not (ROOT / ".venv" / "bin" / "python").exists():
-        pytest.skip("needs the checkout's .venv (scripts/setup.sh)")
+        pytest.fail(f"no {ROOT / '.venv'}: ./mount.vfsnap runs vfsnap with the checkout's .venv, which "
+                    "`bash scripts/setup.sh --test` makes", pytrace=False)
     restore: list[tuple[str, str | None]] = []
-    for helper in HELPERS:
-        if os.path.realpath(helper).startswith(str(ROOT) + os.sep):
-            continue
-        previous = os.readlink(helper) if os.path.islink(helper) else None
-        if os.path.exists(helper) and previous is None:
-            pytest.skip(f"{helper} is a file of another installation")
-        try:
+    try:
+        for helper in HELPERS:
+            if os.path.realpath(helper).startswith(str(ROOT) + os.sep):
+                continue
+            previous = os.readlink(helper) if os.path.islink(helper) else None
+            if os.path.exists(helper) and previous is None:
+                # Not a link (a package's file): replacing it could lose another installation's helper.
+                pytest.fail(f"{helper} is a file of another installation, not a link: remove it (or run "
+                            "`bash scripts/setup.sh --test`, which links it to this checkout)", pytrace=False)
+            try:
+                if previous is not None:
+                    os.unlink(helper)
+                os.symlink(ROOT / "mount.vfsnap", helper)
+            except PermissionError:
+                pytest.fail(f"cannot install {helper}: the tests run as root (scripts/test.sh)", pytrace=False)
+            restore.append((helper, previous))
+        yield
+    finally:
+        for helper, previous in restore:
+            os.unlink(helper)
             if previous is not None:
-                os.unlink(helper)
-            os.symlink(ROOT / "mount.vfsnap", helper)
-        except PermissionError:
-            pytest.skip(f"cannot install {helper} (needs root)")
-        restore.append((helper, previous))
-    yield
-    for helper, previous in restore:
-        os.unlink(helper)
-        if previous is not None:
-            os.symlink(previous, helper)
+                os.symlink(previous, helper)
 
 
 @pytest.fixture
@@ -258,7 +264,7 @@ def test_repository_script_works_without_path(helpers_installed, share, mountpoi
 
 
 @requires_fuse
-@pytest.mark.skipif(shutil.which("unshare") is None or shutil.which("nsenter") is None, reason="needs util-linux")
+@requires_commands("unshare", "nsenter")
 def test_mount_into_another_namespace_with_N(helpers_installed, share, mountpoint, volume):
     holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sleep", "60"])
     call = None

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import mount_tmpfs
 from vfsnap.errors import NoSpace
 from vfsnap.share.placement import ShareUsage, choose_share, ineligibility, provisioned_bytes, share_usage
 from vfsnap.share.share import Capacity
@@ -97,19 +98,16 @@ def test_provisioned_bytes_are_apparent_sizes_as_du_counts_them(tmp_path):
 def small_filesystems(tmp_path: Path):
     """Two tmpfs of 8 and 16 MiB (needs root), unmounted at teardown."""
     paths = []
-    for name, size in (("small", "8m"), ("large", "16m")):
-        path = tmp_path / name
-        path.mkdir()
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "vfsnap-test", str(path)],
-                                capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            for mounted in paths:
-                subprocess.run(["umount", str(mounted)], check=False)
-            pytest.skip(f"cannot mount tmpfs here: {result.stderr.strip()}")
-        paths.append(path)
-    yield paths
-    for path in paths:
-        subprocess.run(["umount", str(path)], check=True)
+    try:
+        for name, size in (("small", "8m"), ("large", "16m")):
+            path = tmp_path / name
+            path.mkdir()
+            mount_tmpfs(path, size)
+            paths.append(path)
+        yield paths
+    finally:
+        for path in paths:
+            subprocess.run(["umount", str(path)], check=True)
 
 
 def test_placement_on_real_filesystems_of_different_sizes(small_filesystems):

@@ -281,6 +281,25 @@ def test_reading_volumes_and_snapshots_writes_nothing(share, tmp_path, vfsnap_mo
     assert json.loads((share / "met.vfsnap.json").read_text()).get("snapshots", {}).keys() == {"s1", "s2"}
 
 
+def test_a_listing_reads_no_header_and_stat_after_it_is_exact(share, vfsnap_mount):
+    """READDIRPLUS entries of volumes not in use carry their base file's figures, marked as
+    expiring at once: a `stat` right after the listing (no `ls -l` in between, so nothing else
+    fetched the attributes) shows the size the image header says, for a qcow2 base and for an
+    overlay grown past its raw base."""
+    create(share / "qcow", 5 * MiB)  # a qcow2 file of ~200 KiB holding 5 MiB
+    make_chain(share, "grown", size=2 * MiB, depth=1)
+    qemu_img("resize", "-q", str(share / "grown.s1"), str(4 * MiB))
+    sparse_volume(share / "raw", 3 * MiB)
+    mnt = vfsnap_mount()
+    for _ in range(2):  # the first listing of the mount, then one with the sizes seen before
+        with os.scandir(mnt.path / "volumes") as entries:
+            sizes = {entry.name: entry.stat().st_size for entry in entries}
+        assert sizes == {"qcow": 5 * MiB, "grown": 4 * MiB, "raw": 3 * MiB}
+    with open(mnt.volume("grown"), "rb"):  # a volume in use is listed from its view
+        with os.scandir(mnt.path / "volumes") as entries:
+            assert {e.name: e.stat().st_size for e in entries}["grown"] == 4 * MiB
+
+
 def deep_chain(share: Path, depth: int, size: int) -> list[str]:
     """`vol` (raw) under `depth` overlays, each holding one distinct cluster (qemu-img made one
     overlay per kind; the rest are copies with the same-length backing name patched)."""

@@ -425,3 +425,68 @@ def test_allocated_runs_skip_stray_counts_and_cross_refcount_blocks(refcount_bit
         assert runs[-1] < boundary < runs[-1] + 8, "the last run was meant to cross a block"
     finally:
         image.close()
+
+
+def test_refcount_blocks_stay_within_the_memory_budget(tmp_path):
+    """Refcount blocks are cached in the mount's one budget (issue 13): counting clusters across
+    200 refcount blocks with a 16 KiB budget keeps what is cached and held within it once each
+    flush has written the changed blocks, and every count is still right when read afresh."""
+    import tracemalloc
+
+    from vfsnap.format.cache import TableCache
+    from vfsnap.format.qcow2 import Qcow2Image
+    from vfsnap.format.refcount import Refcounts
+
+    path = tmp_path / "vol.qcow2"
+    create(path, 8 << 20, options="cluster_size=512,refcount_bits=16")  # 256 counts per block; 2 KiB L1
+    budget = TableCache(capacity=16 << 10)
+    image = Qcow2Image(os.open(path, os.O_RDWR), path.name, writable=True, table_cache=budget)
+    try:
+        refcounts = image.refcounts
+        per_block = 1 << refcounts.block_shift
+        first = last = refcounts.allocate(1)
+        tracemalloc.start()
+        try:
+            for _ in range(200):
+                for _ in range(per_block):
+                    last = refcounts.allocate(1)
+                image.flush()
+                assert budget.usage()["dirty"] == 0
+                assert budget.used_bytes <= budget.capacity, budget.usage()
+            # What refcount.py allocated and still holds: the blocks (100 KiB of them were used).
+            held = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, "*/format/refcount.py")])
+        finally:
+            tracemalloc.stop()
+        assert sum(stat.size for stat in held.statistics("filename")) <= budget.capacity + 4096
+        assert (last >> refcounts.block_shift) - (first >> refcounts.block_shift) >= 200
+        fresh = Refcounts(image)  # every cluster from first to last is counted once (data or block)
+        assert all(fresh.get(c) == 1 for c in range(first, last + 1))
+        fresh.release()
+        image.close_writes()
+        assert budget.usage()["dirty"] == 0
+    finally:
+        image.close()
+    assert budget.used_bytes == 0, budget.usage()
+
+
+def test_writes_under_a_tiny_memory_budget_stay_consistent(share, tmp_path, vfsnap_mount):
+    """512-byte clusters under a 64 KiB budget: L2 tables and refcount blocks are evicted and
+    written back early all the time; the image stays consistent and holds what was written."""
+    size = 16 * MiB
+    create(share / "vol", size, fmt="raw")
+    create(share / "vol.s1", size, backing="vol", backing_fmt="raw", options="cluster_size=512")
+    write_info(share, "vol", "vol.s1", {"s1": "vol.s1"})
+    mnt = vfsnap_mount("memory_budget=64K")
+    expected = bytearray(size)
+    rng = random.Random(13)
+    with open(mnt.volume("vol"), "r+b") as f:
+        for _ in range(600):
+            offset = rng.randrange(0, size - 8192) & ~511
+            data = rng.randbytes(rng.choice([512, 4096, 8192]))
+            f.seek(offset)
+            f.write(data)
+            expected[offset:offset + len(data)] = data
+    mnt.stop()
+    result = check(share / "vol.s1")
+    assert result["exit"] == 0, {k: result[k] for k in result if k != "stderr"} | {"stderr": result["stderr"][:500]}
+    assert flat_bytes(share / "vol.s1", tmp_path) == expected

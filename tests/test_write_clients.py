@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import requires_fuse, wait_for
+from tests.conftest import requires_commands, requires_fuse, wait_for
 from tests.qemu import check, create, flat_bytes, make_chain, qemu_img, qemu_io, run
 
 pytestmark = requires_fuse
@@ -25,7 +25,7 @@ pytestmark = requires_fuse
 KiB = 1 << 10
 MiB = 1 << 20
 
-requires_fio = pytest.mark.skipif(shutil.which("fio") is None, reason="needs fio")
+requires_fio = requires_commands("fio")
 
 
 def _fill(level, path, fmt):

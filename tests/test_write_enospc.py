@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import requires_fuse
+from tests.conftest import mount_tmpfs, requires_fuse
 from tests.qemu import check, create, flat_bytes, qemu_io, write_info
 
 pytestmark = requires_fuse
@@ -37,10 +37,7 @@ def small_fs(tmp_path: Path):
     """An 8 MiB tmpfs, unmounted at teardown (after the vfsnap mounts of the test stopped)."""
     path = tmp_path / "small"
     path.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={FS_SIZE},mode=0755", "tmpfs", str(path)],
-                            check=False, capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {result.stderr.strip()}")
+    mount_tmpfs(path, FS_SIZE)
     try:
         yield path
     finally:

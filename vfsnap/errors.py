@@ -26,6 +26,14 @@ class CorruptImage(VfsnapError):
     errno = errno_codes.EIO
 
 
+class CorruptRecord(VfsnapError):
+    """A record vfsnap keeps on the share (a sidecar, a journal entry, a rename plan) that does
+    not parse: written by someone else, or damaged. EIO for the volume it belongs to, as a
+    malformed image (DESIGN.md invariant 6); the message names the file and the field."""
+
+    errno = errno_codes.EIO
+
+
 class UnsupportedImage(VfsnapError):
     """A valid image using a feature vfsnap cannot serve (encryption, external data file)."""
 

@@ -10,6 +10,7 @@ NAME_MAX. `<vol>.<snap>` must fit too; that is checked when the snapshot is take
 
 from __future__ import annotations
 
+import functools
 import re
 
 from vfsnap.errors import InvalidName, NameTooLong
@@ -36,6 +37,7 @@ def _as_bytes(name: str | bytes) -> bytes:
     return name if isinstance(name, bytes) else name.encode("utf-8", "surrogateescape")
 
 
+@functools.lru_cache(maxsize=1 << 16)  # the share's index asks it of every file at every scan
 def is_snapshot_name(name: str | bytes) -> bool:
     try:
         check_snapshot_name(name)
@@ -56,6 +58,7 @@ def check_snapshot_name(name: str | bytes) -> str:
     return text
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def is_volume_name(name: str | bytes) -> bool:
     """`check_volume_name` without the exception (the share's index asks it of every file)."""
     raw = _as_bytes(name)
@@ -74,6 +77,15 @@ def check_volume_name(name: str | bytes) -> str:
         if text.endswith(suffix):
             raise InvalidName(f"volume names may not end in {suffix!r}")
     return text
+
+
+def is_file_of(volume: str, file_name: str) -> bool:
+    """Whether `file_name` may be a file of `volume`'s chain: `<vol>` or `<vol>.<snap>` with a
+    valid snapshot name (DESIGN.md invariant 5)."""
+    if file_name == volume:
+        return True
+    prefix = volume + "."
+    return file_name.startswith(prefix) and is_snapshot_name(file_name[len(prefix) :])
 
 
 def overlay_file(volume: str, snapshot: str) -> str:

@@ -20,7 +20,7 @@ import attrs
 
 from vfsnap.errors import CorruptImage
 from vfsnap.format import Image, Qcow2Image
-from vfsnap.names import is_snapshot_name
+from vfsnap.names import is_file_of
 
 DEFAULT_MAX_DEPTH = 1024
 
@@ -57,10 +57,7 @@ class ChainRules:
         return self.owner(file_name) is not None
 
     def _own(self, file_name: str) -> bool:
-        if file_name == self.volume:
-            return True
-        prefix = self.volume + "."
-        return file_name.startswith(prefix) and is_snapshot_name(file_name[len(prefix) :])
+        return is_file_of(self.volume, file_name)
 
     def format_of(self, file_name: str, declared: str | None, *, referrer: str) -> str:
         """The format of a chain member, from the referrer's backing-format field and our record."""

@@ -29,6 +29,7 @@ from vfsnap.names import SIDECAR_SUFFIX, TEMP_PREFIX
 from vfsnap.options import MountOptions
 from vfsnap.share import snapshots
 from vfsnap.share.mounts import mount_table
+from vfsnap.share.records import CloneEntry, DeleteEntry
 from vfsnap.share.rename import pending_renames, run_rename
 from vfsnap.share.share import Share
 
@@ -78,12 +79,15 @@ def check_share(share: Share, *, repair: bool) -> Report:
                 report.fixed(f"removed temporary file {name}")
             else:
                 report.problem(f"temporary file {name} left by an interrupted write")
-    for entry in pending_renames(share):
+    corrupt: list[VfsnapError] = []
+    for entry in pending_renames(share, corrupt=corrupt):
         if repair:
             run_rename(share, entry)
-            report.fixed(f"finished renaming volume {entry['from']} to {entry['to']}")
+            report.fixed(f"finished renaming volume {entry.old} to {entry.new}")
         else:
-            report.problem(f"interrupted rename of volume {entry['from']} to {entry['to']}")
+            report.problem(f"interrupted rename of volume {entry.old} to {entry.new}")
+    for exc in corrupt:
+        report.problem(f"unreadable rename plan, left alone: {exc}")
     # Interrupted operations first: they explain (or, repaired, remove) files that would
     # otherwise look like volumes of their own (an overlay created but never committed).
     journal_files: set[str] = set()
@@ -93,10 +97,10 @@ def check_share(share: Share, *, repair: bool) -> Report:
     for volume in volumes:
         try:
             _check_journal(volume, report, repair=repair)
+            if volume.share.dir.exists(volume.sidecar_name):
+                journal_files |= volume.sidecar().journal_overlays()
         except VfsnapError as exc:
             report.problem(f"{volume.name}: {exc}")
-        if volume.share.dir.exists(volume.sidecar_name):
-            journal_files |= {e.get("overlay") for e in volume.sidecar().journal} - {None}
     for name in share.volume_names():
         if name in journal_files:
             continue
@@ -124,14 +128,14 @@ def _check_journal(volume, report: Report, *, repair: bool) -> None:
             report.problem(f"{volume.name}: deleting snapshot {snapshot} failed: {error}")
     else:
         for entry in volume.sidecar().journal:
-            if entry["op"] == clone.OP:
+            if isinstance(entry, CloneEntry):
                 continue
-            if entry["op"] == "delete" and clone.holds(volume.share, entry):
-                report.notes.append(f"{volume.name}: point in time of clone {entry['held_for']} kept until "
+            if isinstance(entry, DeleteEntry) and clone.holds(volume.share, entry):
+                report.notes.append(f"{volume.name}: point in time of clone {entry.held_for} kept until "
                                     f"its copy is done")
                 continue
-            what = entry.get("snapshot") or entry.get("to") or ""
-            report.problem(f"{volume.name}: interrupted operation {entry['op']} {what}".rstrip())
+            what = getattr(entry, "snapshot", "")
+            report.problem(f"{volume.name}: interrupted operation {entry.op} {what}".rstrip())
 
 
 def _is_clone(volume) -> bool:
@@ -143,26 +147,26 @@ def _is_clone(volume) -> bool:
         return False
 
 
-def _check_clone(volume, entry: dict, report: Report, *, repair: bool) -> None:
+def _check_clone(volume, entry: CloneEntry, report: Report, *, repair: bool) -> None:
     """A clone whose background copy has not finished is a normal state (the mount resumes
     the copy): its chain may read the source's files it pins, and those must exist."""
     from vfsnap.share import clone
 
-    missing = [f for f in entry.get("pins", ()) if not volume.share.dir.exists(f)]
+    missing = [f for f in entry.pins if not volume.share.dir.exists(f)]
     if missing:
-        report.problem(f"{volume.name}: unfinished clone of {entry['source']}: source files missing: "
+        report.problem(f"{volume.name}: unfinished clone of {entry.source}: source files missing: "
                        f"{' '.join(missing)}")
         return
     if not repair:
-        report.notes.append(f"{volume.name}: unfinished clone of {entry['source']}@{entry['snapshot']} "
-                            f"(reads {entry['top']} until its copy is done)")
+        report.notes.append(f"{volume.name}: unfinished clone of {entry.source}@{entry.snapshot} "
+                            f"(reads {entry.top} until its copy is done)")
         return
     trio.run(clone.run_copy, volume)
     error = clone.copy_state(volume).error
     if error is not None:
         report.problem(f"{volume.name}: copying the clone's data failed: {error}")
     else:
-        report.fixed(f"{volume.name}: finished copying the clone's data from {entry['source']}")
+        report.fixed(f"{volume.name}: finished copying the clone's data from {entry.source}")
 
 
 def _check_volume(share: Share, name: str, report: Report, *, repair: bool) -> None:

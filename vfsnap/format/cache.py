@@ -2,10 +2,11 @@
 mount, and the account of everything else the budget covers.
 
 One budget (`memory_budget`, formerly `table_cache_size`) bounds, for all open volumes together:
-the L2 tables cached here (least recently used evicted first), every open image's L1 table and
+the L2 tables and refcount blocks cached here (least recently used evicted first), every open image's L1 table and
 metadata map (pinned: an image whose L1 would not fit fails to open, with EIO), the L2 tables
 images hold dirty until they are written back (an image whose dirty tables take more than a
-quarter of the budget writes them back early), and the resolved maps of every view
+quarter of the budget writes them back early), the refcount blocks a writer changed and has
+not written yet, and the resolved maps of every view
 (`vfsnap.chain.view.MapBudget`, which registers itself with `share_with`). When the budget is
 exceeded, the maps and the cached tables give way in turn: whichever holds more than half of the
 budget gives first, so that neither starves the other.

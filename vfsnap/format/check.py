@@ -222,6 +222,7 @@ def check_image(image) -> CheckReport:
         elif have > counted and cluster < refs.file_clusters:
             leaks.append(cluster)
     copied = _copied_errors(image, stored, fix=False)
+    stored.release()
     return CheckReport(image.name, tuple(corruptions), tuple(leaks), copied, unrepairable=refs.unrepairable)
 
 
@@ -315,6 +316,8 @@ def rebuild_refcounts(image) -> CheckReport:
     )
     image._metadata_clusters = image._find_metadata_clusters()
     refcounts = Refcounts(image)
+    if image._refcounts is not None:
+        image._refcounts.release()
     image._refcounts = refcounts
     errors = _copied_errors(image, refcounts, fix=True)
     image.flush()

@@ -133,6 +133,8 @@ class Qcow2Image(Qcow2Writer, Image):
             self._cache.discard_owner(self._cache_owner)
             self._cache.unpin(self._pinned)
             self._cache.unhold(len(self._dirty_l2) * self.cluster_size)  # a failed write-back's
+            if self._refcounts is not None:
+                self._refcounts.release()
         super().close()
 
     def reload(self) -> None:
@@ -151,6 +153,8 @@ class Qcow2Image(Qcow2Writer, Image):
         self._metadata_clusters = self._find_metadata_clusters()
         self._cache.discard_owner(self._cache_owner)
         self._last_compressed = None
+        if self._refcounts is not None:
+            self._refcounts.release()
         self._refcounts = None
         self._in_place.clear()
 

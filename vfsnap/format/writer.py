@@ -65,6 +65,8 @@ class Qcow2Writer:
             raise CorruptImage(f"{self.name}: image has no refcount table")
         from vfsnap.format.refcount import Refcounts
 
+        if self._refcounts is not None:  # the rebuild's, written back: counts read afresh below
+            self._refcounts.release()
         refcounts = Refcounts(self)
         # vfsnap maintains no bitmaps and knows no other autoclear feature: clear them all before
         # the first write, as the specification requires. And mark the image dirty while its
@@ -83,6 +85,7 @@ class Qcow2Writer:
         log.debug("%s: close_writes (refcounts %s, dirty %s)", self.name, self._refcounts is not None, self.header.dirty)
         if self._refcounts is not None and self.header.dirty:
             self.write_header(attrs.evolve(self.header, incompatible_features=self.header.incompatible_features & ~INCOMPAT_DIRTY))
+            self._refcounts.release()
             self._refcounts = None  # the next metadata change marks it dirty again
 
     @property

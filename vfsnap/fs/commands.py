@@ -75,7 +75,7 @@ def start_copy(ops, volume) -> None:
     except Exception:  # noqa: BLE001 - a broken sidecar: the volume reports it on use
         return
 
-    def copied(entry: dict) -> None:
+    def copied(entry: clone.CloneEntry) -> None:
         start_held_merges(ops)
 
     ops.start_background(lambda: clone.run_copy(volume, on_done=copied))

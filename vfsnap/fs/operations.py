@@ -138,7 +138,10 @@ class VfsnapOperations(pyfuse3.Operations):
 
     # -- attributes -----------------------------------------------------------------------
 
-    def _entry(self, ino: int, key: tuple) -> pyfuse3.EntryAttributes:
+    def _entry(self, ino: int, key: tuple, *, listing: bool = False) -> pyfuse3.EntryAttributes:
+        """The attributes of node `key`. For a listing's entries (`listing`, READDIRPLUS) a
+        volume not in use gets what its base file says, marked as expiring at once, so that a
+        `stat` asks again and gets the exact figures (see `Volume.stat`)."""
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = ino
         attr.entry_timeout = ENTRY_TIMEOUT
@@ -155,12 +158,12 @@ class VfsnapOperations(pyfuse3.Operations):
         elif kind in ("snapdir", "snapshot"):
             # Whoever may write the volume may take and delete its snapshots: the directory
             # gets the volume's owner and its permission bits (r -> r-x, w -> w).
-            volume = self.pool.volume(key[1])
-            base = volume.base_stat()
-            attr.st_mode = stat.S_IFDIR | directory_mode(base.st_mode)
-            attr.st_uid, attr.st_gid = base.st_uid, base.st_gid
+            base = self.pool.listed_stat(key[1])
+            attr.st_mode = stat.S_IFDIR | directory_mode(base.mode)
+            attr.st_uid, attr.st_gid = base.uid, base.gid
             attr.st_nlink = 2
             if kind == "snapshot":
+                volume = self.pool.volume(key[1])
                 created_ns = int(volume.snapshot_created(key[2]) * 1e9)
                 attr.st_mtime_ns = attr.st_ctime_ns = attr.st_atime_ns = created_ns
                 attr.st_mode &= RO_BITS
@@ -177,7 +180,9 @@ class VfsnapOperations(pyfuse3.Operations):
             attr.st_size = len(target.encode())
         elif kind == "volume":
             # Cheap for a volume not in use: no image opened, nothing written (Volume.stat).
-            st = self.pool.volume(key[1]).stat()
+            st = self.pool.listed_stat(key[1]) if listing else self.pool.volume(key[1]).stat()
+            if not st.exact:
+                attr.attr_timeout = 0
             attr.st_mode = stat.S_IFREG | stat.S_IMODE(st.mode)
             attr.st_nlink = 1
             attr.st_uid, attr.st_gid = st.uid, st.gid
@@ -343,7 +348,7 @@ class VfsnapOperations(pyfuse3.Operations):
             if not self.inodes.is_current(ino):
                 continue  # deleted or renamed through the mount since opendir
             try:
-                attr = self._entry(ino, child_key)
+                attr = self._entry(ino, child_key, listing=True)
             except (VfsnapError, OSError) as exc:
                 # One broken volume must not hide the others: list it, it fails on use.
                 log.warning("listing %s: %s", name, exc)

@@ -43,16 +43,15 @@ import attrs
 import trio
 
 from vfsnap.chain.view import ZERO_FD, View
-from vfsnap.errors import AlreadyExists, Busy, NoSpace, NotFound, ReadOnly, VfsnapError
-from vfsnap.format import UNALLOCATED
+from vfsnap.errors import AlreadyExists, Busy, CorruptRecord, NoSpace, NotFound, ReadOnly, VfsnapError
+from vfsnap.format import UNALLOCATED, Qcow2Image
 from vfsnap.format.create import create_qcow2
 from vfsnap.names import SIDECAR_SUFFIX, TEMP_PREFIX, check_volume_name, info_file, is_snapshot_name, sidecar_file
-from vfsnap.share.info import Sidecar, parse_sidecar
 from vfsnap.share.locks import ChainChange
+from vfsnap.share.records import CloneEntry, DeleteEntry, Sidecar, parse_sidecar
 
 log = logging.getLogger(__name__)
 
-OP = "clone"
 # Copied between two yields to the event loop (FUSE requests run in between).
 STEP_BYTES = 4 << 20
 # Copied per hold of the clone's chain lock (see MAX_HOLD_SECONDS).
@@ -64,12 +63,10 @@ MAX_HOLD_SECONDS = 2.0
 # -- the record -------------------------------------------------------------------------------
 
 
-def clone_entry(sidecar: Sidecar) -> dict | None:
+def clone_entry(sidecar: Sidecar) -> CloneEntry | None:
     """The unfinished copy of a clone, from its journal (None once it no longer needs its source)."""
-    for entry in sidecar.journal:
-        if entry["op"] == OP:
-            return entry
-    return None
+    entries = sidecar.entries(CloneEntry)
+    return entries[0] if entries else None
 
 
 def linked_volumes(sidecar: Sidecar) -> tuple[tuple[str, str], ...]:
@@ -77,14 +74,14 @@ def linked_volumes(sidecar: Sidecar) -> tuple[tuple[str, str], ...]:
     entry = clone_entry(sidecar)
     if entry is None:
         return ()
-    return tuple((str(volume), str(fmt)) for volume, fmt in entry["linked"])
+    return entry.linked
 
 
 # Per share: sidecar file -> ((inode, mtime, size), clone entry or None).
 _SCANNED: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
 
 
-def unfinished_clones(share) -> dict[str, dict]:
+def unfinished_clones(share) -> dict[str, CloneEntry]:
     """Every clone on the share whose copy has not finished: name -> journal entry.
 
     Read from the sidecars on the share itself (another host's clones count too); a sidecar is
@@ -119,14 +116,14 @@ def pinned_by(share, files) -> str | None:
     """The clone that still reads one of `files` (so they may not change), or None."""
     files = set(files)
     for clone, entry in sorted(unfinished_clones(share).items()):
-        if files & set(entry.get("pins", ())):
+        if files & set(entry.pins):
             return clone
     return None
 
 
-def holds(share, delete_entry: dict) -> bool:
+def holds(share, delete_entry: DeleteEntry) -> bool:
     """Whether a clone's hidden point-in-time (a journalled deletion) must stay for now."""
-    clone = delete_entry.get("held_for")
+    clone = delete_entry.held_for
     return bool(clone) and clone in unfinished_clones(share)
 
 
@@ -171,15 +168,14 @@ def create_clone(pool, source, snapshot: str | None, name: str):
     overlay = source.info().snapshots[snapshot]
     chain = source.snapshot_chain(snapshot)  # the point in time: the chain below the overlay
     top = chain[-1]
-    entry = {
-        "op": OP,
-        "source": source.name,
-        "snapshot": snapshot,
-        "source_overlay": overlay,  # not "overlay": that key names a journalled file of the volume itself
-        "top": top.name,
-        "linked": [[source.name, source_rules.base_format], *[list(v) for v in source_rules.linked]],
-        "pins": [image.name for image in chain],
-    }
+    entry = CloneEntry(
+        source=source.name,
+        snapshot=snapshot,
+        source_overlay=overlay,  # not "overlay": that key names a journalled file of the volume itself
+        top=top.name,
+        linked=((source.name, source_rules.base_format), *source_rules.linked),
+        pins=tuple(image.name for image in chain),
+    )
     temporary = f"{TEMP_PREFIX}clone-{secrets.token_hex(8)}"
     sidecar_written = False
     try:
@@ -295,11 +291,14 @@ async def run_copy(volume, *, retry_seconds: float = 5.0, on_done=None) -> None:
         state.running = False
 
 
-async def _copy_some(volume, entry: dict, state: CopyState, hold_bytes: int, scan_bytes: int) -> bool:
+async def _copy_some(volume, entry: CloneEntry, state: CopyState, hold_bytes: int, scan_bytes: int) -> bool:
     """Copy up to `hold_bytes`, going through at most `scan_bytes` of the disk (holes are
     cheap); the caller holds the chain lock. True when the copy is done."""
     chain = volume.live_chain()
     names = [image.name for image in chain]
+    if volume.name not in names or not isinstance(chain[names.index(volume.name)], Qcow2Image):
+        raise CorruptRecord(f"{volume.sidecar_name}: names an unfinished clone, but the chain "
+                            f"{' '.join(names)} has no qcow2 base {volume.name} to copy into")
     base_index = names.index(volume.name)
     base = chain[base_index]
     if base.backing_file is None:  # the commit point was passed before a crash
@@ -413,7 +412,7 @@ def _forget_resolved(volume, base) -> None:
             view.invalidate_all()
 
 
-def _finish(volume, entry: dict, state: CopyState) -> None:
+def _finish(volume, entry: CloneEntry, state: CopyState) -> None:
     """After the commit point: drop the link (and with it the pins), reopen the chain."""
     volume.save_sidecar(volume.sidecar().without_entry(entry))
     if volume.info().active != volume.name:
@@ -421,7 +420,7 @@ def _finish(volume, entry: dict, state: CopyState) -> None:
     volume.rebuild_views()
     state.cursor = 0
     state.done = state.total
-    log.info("%s: clone copy done; independent of %s", volume.name, entry["source"])
+    log.info("%s: clone copy done; independent of %s", volume.name, entry.source)
 
 
 def operations(volume) -> list[dict]:
@@ -435,7 +434,7 @@ def operations(volume) -> list[dict]:
     if entry is None:
         return []
     state = copy_state(volume)
-    op = {"volume": volume.name, "kind": "clone", "snapshot": f"{entry['source']}@{entry['snapshot']}"}
+    op = {"volume": volume.name, "kind": "clone", "snapshot": f"{entry.source}@{entry.snapshot}"}
     if state.error is not None:
         op.update(state="failed", error=state.error)
     elif state.running:

@@ -15,7 +15,8 @@ import time
 from vfsnap.chain.backing import ChainRules
 from vfsnap.errors import VfsnapError
 from vfsnap.format import Qcow2Image, probe_format
-from vfsnap.share.info import Sidecar, VolumeInfo
+from vfsnap.share.info import VolumeInfo
+from vfsnap.share.records import Sidecar
 
 
 def first_record(volume) -> Sidecar:

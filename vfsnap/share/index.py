@@ -44,7 +44,6 @@ RESCAN_SECONDS = 1.0
 # A scan made within this time of the directory's last change may have missed a second change
 # in the same clock tick: trusted only this long.
 RACY_SECONDS = 0.05
-DOCUMENT_SUFFIXES = (INFO_SUFFIX, SIDECAR_SUFFIX)
 
 
 @attrs.frozen
@@ -104,22 +103,30 @@ class ShareIndex:
     def scan(self) -> ShareState:
         stamp, mtime = self._stamp()
         wall, started = time.time(), time.monotonic()
-        regular: set[str] = set()
+        regular: list[str] = []  # regular files other than documents: the candidate volumes
         names: set[str] = set()
-        self._entries: dict[str, os.DirEntry] = {}
+        with_info: set[str] = set()
+        with_sidecar: set[str] = set()
+        documents: dict[str, os.DirEntry] = {}
+        self._entries = documents
+        info_cut, sidecar_cut = -len(INFO_SUFFIX), -len(SIDECAR_SUFFIX)
+        # One pass, each name classified once (a share of 10,000 volumes with chains has 50,000).
         with os.scandir(self.dir.fd) as entries:
             for entry in entries:
                 name = entry.name
                 names.add(name)
-                if name.endswith(DOCUMENT_SUFFIXES):
-                    self._entries[name] = entry
-                try:
-                    if entry.is_file(follow_symlinks=False):  # d_type; lstat only if unknown
-                        regular.add(name)
-                except OSError:
-                    pass  # gone meanwhile
-        with_info = {n[: -len(INFO_SUFFIX)] for n in names if n.endswith(INFO_SUFFIX)}
-        with_sidecar = {n[: -len(SIDECAR_SUFFIX)] for n in names if n.endswith(SIDECAR_SUFFIX)}
+                if name.endswith(INFO_SUFFIX):
+                    with_info.add(name[:info_cut])
+                    documents[name] = entry
+                elif name.endswith(SIDECAR_SUFFIX):
+                    with_sidecar.add(name[:sidecar_cut])
+                    documents[name] = entry
+                else:
+                    try:
+                        if entry.is_file(follow_symlinks=False):  # d_type; lstat only if unknown
+                            regular.append(name)
+                    except OSError:
+                        pass  # gone meanwhile
         owner_of: dict[str, str] = {}  # file -> the volume whose `.info` names it
         unreadable: set[str] = set()  # volumes whose `.info` cannot be parsed
         for owner in with_info:
@@ -220,10 +227,10 @@ class ShareIndex:
         return self._infos.get(volume)
 
     def _journal_names(self, volume: str) -> frozenset[str] | None:
-        from vfsnap.share.info import parse_sidecar
+        from vfsnap.share.records import parse_sidecar
 
         def names(data: bytes, file_name: str):
-            return {e.get("overlay") for e in parse_sidecar(data, name=file_name).journal} - {None}
+            return parse_sidecar(data, name=file_name).journal_overlays()
 
         return self._document(volume + SIDECAR_SUFFIX, names)
 
@@ -241,7 +248,7 @@ class ShareIndex:
                 log.warning("%s", exc)
                 continue
             if entry is not None:
-                files |= (set(entry["files"]) | set(entry["files"].values())) - {entry["from"], entry["to"]}
+                files |= (set(entry.files) | set(entry.files.values())) - {entry.old, entry.new}
         return files
 
     # -- changes made through the mount ---------------------------------------------------

@@ -13,7 +13,7 @@ from vfsnap.errors import NotFound
 from vfsnap.format import TableCache
 from vfsnap.options import MountOptions
 from vfsnap.share.share import Capacity, Share
-from vfsnap.share.volume import Volume
+from vfsnap.share.volume import Volume, VolumeStat
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,17 @@ class Pool:
             log.warning("volume %s exists on %s and %s; serving the one on %s", name, first.path, other.path, first.path)
 
     def volume(self, name: str) -> Volume:
+        return self._on_first_share(name, Share.volume)
+
+    def listed_stat(self, name: str) -> VolumeStat:
+        """What a listing shows of volume `name` (see `Share.listed_stat`)."""
+        return self._on_first_share(name, Share.listed_stat)
+
+    def _on_first_share(self, name: str, call):
+        """`call(share, name)` on the first share that has volume `name` (the one listed)."""
         for share in self.shares:
             try:
-                return share.volume(name)
+                return call(share, name)
             except NotFound:
                 continue
         raise NotFound(f"no volume {name!r}")

@@ -13,15 +13,15 @@ mount's background task) until it completes.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 
-from vfsnap.errors import AlreadyExists, Busy, CorruptImage, NameTooLong, ReadOnly
+from vfsnap.errors import AlreadyExists, Busy, CorruptRecord, NameTooLong, ReadOnly
 from vfsnap.format import Qcow2Image, TableCache
 from vfsnap.format.header import read_header
 from vfsnap.names import NAME_MAX, check_volume_name, info_file, overlay_file, sidecar_file
 from vfsnap.share.info import VolumeInfo, parse_info
+from vfsnap.share.records import RenamePlan, parse_rename_plan
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +63,10 @@ def rename_volume(share, old: str, new: str) -> None:
     for target in targets:
         if len(target.encode()) > NAME_MAX:
             raise NameTooLong(f"{target!r} would exceed NAME_MAX")
-    entry = {"op": "rename", "from": old, "to": new, "files": files, "chain": chain,
-             "formats": {name: volume.format_of(name) for name in chain}}
+    entry = RenamePlan(old=old, new=new, files=files, chain=tuple(chain),
+                       formats={name: volume.format_of(name) for name in chain})
     journal = journal_file(new)
-    share.dir.write_atomic(journal, json.dumps(entry, indent=1, sort_keys=True).encode())
+    share.dir.write_atomic(journal, entry.to_json())
     volume.close()
     share.forget_volume(old)
     try:
@@ -76,7 +76,7 @@ def rename_volume(share, old: str, new: str) -> None:
         # idempotent steps in the other direction. If even that fails, the journal stays and
         # the rename is finished later (the mount's background task, the next mount, check).
         try:
-            run_rename(share, reversed_plan(entry), journal=journal)
+            run_rename(share, entry.reversed(), journal=journal)
             log.warning("renaming %s to %s failed (%s); undone", old, new, exc)
         except BaseException as undo_exc:  # noqa: BLE001
             log.error("renaming %s to %s failed (%s), and so did undoing it (%s); it will be finished later",
@@ -85,24 +85,11 @@ def rename_volume(share, old: str, new: str) -> None:
         raise
 
 
-def reversed_plan(entry: dict) -> dict:
-    """The plan that takes a (partly) renamed volume back to its old names."""
-    files = entry["files"]
-    return {
-        "op": "rename",
-        "from": entry["to"],
-        "to": entry["from"],
-        "files": {new: old for old, new in files.items()},
-        "chain": [files[name] for name in entry["chain"]],
-        "formats": {files[name]: fmt for name, fmt in entry["formats"].items()},
-    }
-
-
-def run_rename(share, entry: dict, *, journal: str | None = None) -> None:
+def run_rename(share, entry: RenamePlan, *, journal: str | None = None) -> None:
     """Carry out (or finish) a journalled rename; every step is idempotent. The journal file
     (by default the plan's own) is removed after the last step."""
-    old, new, files = entry["from"], entry["to"], entry["files"]
-    chain, formats = entry["chain"], entry["formats"]
+    old, new, files = entry.old, entry.new, entry.files
+    chain, formats = entry.chain, entry.formats
     d = share.dir
     # 1. Overlays first, top to bottom, then the base: until the base moves, `old` is the volume.
     for name in reversed(chain[1:]):
@@ -148,20 +135,29 @@ def _rebase_file(share, name: str, backing: str, backing_format: str) -> None:
         os.close(fd)
 
 
-def pending_renames(share) -> list[dict]:
-    """Renames under way (or interrupted) on the share."""
-    return [entry for name in share.dir.listdir() if name.startswith(JOURNAL_PREFIX)
-            if (entry := read_journal(share, name)) is not None]
+def pending_renames(share, *, corrupt: list[CorruptRecord] | None = None) -> list[RenamePlan]:
+    """Renames under way (or interrupted) on the share. A plan that does not parse is left on
+    the share, untouched, for an admin to look at: added to `corrupt` when given, else logged
+    (naming the file and the field); it never stops the others."""
+    plans = []
+    for name in share.dir.listdir():
+        if not name.startswith(JOURNAL_PREFIX):
+            continue
+        try:
+            plan = read_journal(share, name)
+        except CorruptRecord as exc:
+            if corrupt is None:
+                log.error("rename left alone: %s", exc)
+            else:
+                corrupt.append(exc)
+            continue
+        if plan is not None:
+            plans.append(plan)
+    return plans
 
 
-def read_journal(share, name: str) -> dict | None:
+def read_journal(share, name: str) -> RenamePlan | None:
     data = share.dir.read_small(name)
     if data is None:
         return None
-    try:
-        entry = json.loads(data)
-        if entry.get("op") != "rename" or not isinstance(entry.get("files"), dict):
-            raise ValueError("not a rename plan")
-    except (ValueError, AttributeError) as exc:
-        raise CorruptImage(f"{name}: unreadable rename journal ({exc})") from None
-    return entry
+    return parse_rename_plan(data, name=name)

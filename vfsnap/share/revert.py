@@ -26,19 +26,19 @@ import hashlib
 import logging
 import os
 
+import attrs
+
 from vfsnap.errors import Busy, CorruptImage, NewerSnapshots, NotFound, ReadOnly
 from vfsnap.format.create import create_qcow2
+from vfsnap.share.records import REVERT_PREFIX, DeleteEntry, RevertEntry
 
 log = logging.getLogger(__name__)
-
-OP = "revert"
-
 
 def fresh_file(volume_name: str) -> str:
     """The new overlay's name until it replaces the snapshot's: starts with a dot (never a
     volume, never listed), is not a temporary file (those are removed at mount, before the
     journal is read), and is short whatever the volume's name."""
-    return ".vfsnap-revert-" + hashlib.sha256(volume_name.encode()).hexdigest()[:24]
+    return REVERT_PREFIX + hashlib.sha256(volume_name.encode()).hexdigest()[:24]
 
 
 def revert(volume, snapshot: str, *, destroy_newer: bool = False) -> list[str]:
@@ -75,9 +75,9 @@ def revert(volume, snapshot: str, *, destroy_newer: bool = False) -> list[str]:
         raise Busy(f"volume {volume.name}: clone {clone} still reads from a file the revert would change")
     backing = names[index - 1]
     image_below = volume.live_chain()[index - 1]
-    entry = {"op": OP, "snapshot": snapshot, "target": target, "overlay": fresh_file(volume.name),
-             "backing": backing, "backing_format": volume.format_of(backing), "size": image_below.size,
-             "drop": newer, "files": above, "state": "started"}
+    entry = RevertEntry(snapshot=snapshot, target=target, overlay=fresh_file(volume.name), backing=backing,
+                        backing_format=volume.format_of(backing), size=image_below.size, drop=newer,
+                        files=tuple(above), state="started")
     # The images that go or change: closed before the files do (written back first: a reader's
     # object must not write a stale header later).
     for name in [target, *above]:
@@ -85,10 +85,10 @@ def revert(volume, snapshot: str, *, destroy_newer: bool = False) -> list[str]:
     volume.save_sidecar(volume.sidecar().with_entry(entry))
     try:
         _create_fresh(volume, entry)
-        created = {**entry, "state": "created"}
+        created = attrs.evolve(entry, state="created")
         volume.save_sidecar(volume.sidecar().replace_entry(entry, created))
     except BaseException:
-        volume.share.dir.unlink(entry["overlay"])
+        volume.share.dir.unlink(entry.overlay)
         volume.save_sidecar(volume.sidecar().without_entry(entry))
         volume.rebuild_views()
         raise
@@ -99,53 +99,53 @@ def revert(volume, snapshot: str, *, destroy_newer: bool = False) -> list[str]:
     return visible_newer
 
 
-def _create_fresh(volume, entry: dict) -> None:
+def _create_fresh(volume, entry: RevertEntry) -> None:
     share_dir = volume.share.dir
-    share_dir.unlink(entry["overlay"])  # a leftover of an attempt that failed
-    fd = share_dir.open_regular(entry["overlay"], os.O_RDWR | os.O_CREAT | os.O_EXCL)
+    share_dir.unlink(entry.overlay)  # a leftover of an attempt that failed
+    fd = share_dir.open_regular(entry.overlay, os.O_RDWR | os.O_CREAT | os.O_EXCL)
     try:
-        create_qcow2(fd, entry["size"], backing_file=entry["backing"], backing_format=entry["backing_format"])
+        create_qcow2(fd, entry.size, backing_file=entry.backing, backing_format=entry.backing_format)
     finally:
         os.close(fd)
     share_dir.fsync()
 
 
-def _roll_forward(volume, entry: dict) -> None:
+def _roll_forward(volume, entry: RevertEntry) -> None:
     """From the commit point on: idempotent, so recovery can run it again after a crash."""
     share_dir = volume.share.dir
-    if share_dir.exists(entry["overlay"]):
-        share_dir.rename(entry["overlay"], entry["target"])  # commit point
+    if share_dir.exists(entry.overlay):
+        share_dir.rename(entry.overlay, entry.target)  # commit point
         share_dir.fsync()
     info = volume.info()
-    drop = entry["drop"]
-    if info.active != entry["target"] or any(s in info.snapshots for s in drop):
+    drop = entry.drop
+    if info.active != entry.target or any(s in info.snapshots for s in drop):
         kept = {s: o for s, o in info.snapshots.items() if s not in drop}
-        volume.write_info(type(info)(active=entry["target"], snapshots=kept))
-    for name in entry["files"]:
-        if name != entry["target"]:
+        volume.write_info(type(info)(active=entry.target, snapshots=kept))
+    for name in entry.files:
+        if name != entry.target:
             share_dir.unlink(name)
     share_dir.fsync()
     sidecar = volume.sidecar().without_entry(entry)
     for snap in drop:
         sidecar = sidecar.without(snap)
     # Deletions of newer snapshots still journalled (hidden, not merged yet) are moot now.
-    for other in sidecar.journal:
-        if other["op"] == "delete" and other["snapshot"] in drop:
+    for other in sidecar.entries(DeleteEntry):
+        if other.snapshot in drop:
             sidecar = sidecar.without_entry(other)
     volume.save_sidecar(sidecar)
 
 
-def recover_revert(volume, entry: dict) -> str:
-    if entry.get("state") != "created":
-        volume.share.dir.unlink(entry["overlay"])
+def recover_revert(volume, entry: RevertEntry) -> str:
+    if entry.state != "created":
+        volume.share.dir.unlink(entry.overlay)
         volume.share.dir.fsync()
         volume.save_sidecar(volume.sidecar().without_entry(entry))
-        return f"{volume.name}: revert to snapshot {entry['snapshot']} was not committed; rolled back"
-    for name in [entry["target"], *entry["files"]]:
+        return f"{volume.name}: revert to snapshot {entry.snapshot} was not committed; rolled back"
+    for name in [entry.target, *entry.files]:
         volume.images.drop(name)
     _roll_forward(volume, entry)
     volume.rebuild_views()
-    return f"{volume.name}: revert to snapshot {entry['snapshot']} finished"
+    return f"{volume.name}: revert to snapshot {entry.snapshot} finished"
 
 
 def snapshots_newer_than(volume, snapshot: str) -> list[str]:

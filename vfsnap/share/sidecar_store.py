@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from vfsnap.share.info import Sidecar, parse_sidecar
+from vfsnap.share.records import Sidecar, parse_sidecar
 
 
 class SidecarStore:

@@ -32,6 +32,7 @@ from vfsnap.errors import AlreadyExists, Busy, CorruptImage, NotFound, ReadOnly,
 from vfsnap.format.create import create_qcow2
 from vfsnap.names import check_snapshot_name, overlay_file
 from vfsnap.share.locks import ChainChange
+from vfsnap.share.records import CloneEntry, DeleteEntry, RevertEntry, SnapshotEntry
 from vfsnap.share.volume import sync_data
 
 log = logging.getLogger(__name__)
@@ -63,9 +64,7 @@ def take_snapshot(volume, snapshot: str, *, now: float | None = None, hidden_for
         raise AlreadyExists(f"{overlay} already exists on the share (another volume's file?)")
     view = volume.live_view()
     active = info.active
-    entry = {"op": "snapshot", "snapshot": snapshot, "overlay": overlay, "backing": active}
-    if hidden_for is not None:
-        entry["hidden_for"] = hidden_for
+    entry = SnapshotEntry(snapshot=snapshot, overlay=overlay, backing=active, hidden_for=hidden_for)
     volume.save_sidecar(volume.sidecar().with_entry(entry))
     created = False
     try:
@@ -96,13 +95,13 @@ def take_snapshot(volume, snapshot: str, *, now: float | None = None, hidden_for
     log.info("%s: took snapshot %s (%s)", volume.name, snapshot, overlay)
 
 
-def _finished_snapshot(sidecar, entry: dict, created: float):
+def _finished_snapshot(sidecar, entry: SnapshotEntry, created: float):
     """The sidecar once snapshot `entry` is committed: its creation time, no journal entry, and
     for a clone's hidden point-in-time its deletion, held while the clone reads from it."""
-    sidecar = sidecar.with_created(entry["snapshot"], created).without_entry(entry)
-    if entry.get("hidden_for"):
-        sidecar = sidecar.with_entry({"op": "delete", "snapshot": entry["snapshot"], "overlay": entry["overlay"],
-                                      "held_for": entry["hidden_for"]})
+    sidecar = sidecar.with_created(entry.snapshot, created).without_entry(entry)
+    if entry.hidden_for:
+        sidecar = sidecar.with_entry(DeleteEntry(snapshot=entry.snapshot, overlay=entry.overlay,
+                                                 held_for=entry.hidden_for))
     return sidecar
 
 
@@ -129,7 +128,7 @@ def request_delete(volume, snapshot: str) -> None:
         raise Busy(f"snapshot {snapshot} of {volume.name} is open")
     overlay = volume.info().snapshots[snapshot]
     _refuse_if_pinned(volume, overlay, f"snapshot {snapshot} of {volume.name}")
-    entry = {"op": "delete", "snapshot": snapshot, "overlay": overlay}
+    entry = DeleteEntry(snapshot=snapshot, overlay=overlay)
     volume.save_sidecar(volume.sidecar().with_entry(entry))
     volume.failed.pop(snapshot, None)
     log.info("%s: snapshot %s deleted; merging %s in the background", volume.name, snapshot, overlay)
@@ -157,17 +156,21 @@ async def run_pending(volume, *, retry_seconds: float = 5.0) -> None:
             except Busy as exc:
                 log.info("%s: %s; merge retried in %s s", volume.name, exc, retry_seconds)
                 await trio.sleep(retry_seconds)
+    except VfsnapError as exc:
+        # Its sidecar does not parse (or its chain does not open): the volume fails alone, the
+        # deletions wait for the next mount (or `vfsnap check --repair`).
+        log.error("%s: journalled deletions cannot run: %s", volume.name, exc)
     finally:
         volume.runner_active = False
         volume.running_merge = None
 
 
-def _pending(volume) -> list[dict]:
-    return [e for e in volume.sidecar().journal
-            if e["op"] == "delete" and e["snapshot"] not in volume.failed and not _held(volume, e)]
+def _pending(volume) -> list[DeleteEntry]:
+    return [e for e in volume.sidecar().entries(DeleteEntry)
+            if e.snapshot not in volume.failed and not _held(volume, e)]
 
 
-def _held(volume, entry: dict) -> bool:
+def _held(volume, entry: DeleteEntry) -> bool:
     """A clone's hidden point in time, kept while that clone still reads from it."""
     from vfsnap.share.clone import holds
 
@@ -189,7 +192,7 @@ def _refuse_if_pinned(volume, overlay: str, what: str) -> None:
             raise Busy(f"{what}: clone {clone} still reads from it (its copy is running; see vfsnap status)")
 
 
-async def _run_entry(volume, entry: dict) -> None:
+async def _run_entry(volume, entry: DeleteEntry) -> None:
     try:
         await _delete(volume, entry)
     except Busy:
@@ -198,12 +201,12 @@ async def _run_entry(volume, entry: dict) -> None:
         # Leave the entry: the snapshot stays hidden, `vfsnap status` shows the failure, and
         # the next mount (or `vfsnap sync --retry`) tries again.
         message = str(exc) if isinstance(exc, VfsnapError) else os.strerror(exc.errno or 5)
-        log.error("%s: deleting snapshot %s failed: %s", volume.name, entry["snapshot"], message)
-        volume.failed[entry["snapshot"]] = message
+        log.error("%s: deleting snapshot %s failed: %s", volume.name, entry.snapshot, message)
+        volume.failed[entry.snapshot] = message
 
 
-async def _delete(volume, entry: dict) -> None:
-    snapshot, overlay = entry["snapshot"], entry["overlay"]
+async def _delete(volume, entry: DeleteEntry) -> None:
+    snapshot, overlay = entry.snapshot, entry.overlay
     info = volume.info()
     chain = volume.live_chain()
     names = [image.name for image in chain]
@@ -280,9 +283,9 @@ def _rebase(volume, child: str, backing: str) -> None:
         volume.reopen(child, writable=False)
 
 
-def _finish_delete(volume, entry: dict) -> None:
+def _finish_delete(volume, entry: DeleteEntry) -> None:
     """After the commit point: drop the snapshot from `.info`, the overlay file, the entry."""
-    snapshot, overlay = entry["snapshot"], entry["overlay"]
+    snapshot, overlay = entry.snapshot, entry.overlay
     info = volume.info()
     if snapshot in info.snapshots:
         active = info.active
@@ -307,23 +310,23 @@ def recover(volume) -> list[str]:
     """
     actions = []
     for entry in list(volume.sidecar().journal):
-        if entry["op"] == "snapshot":
+        if isinstance(entry, SnapshotEntry):
             actions.append(_recover_snapshot(volume, entry))
-        elif entry["op"] == "revert":
+        elif isinstance(entry, RevertEntry):
             from vfsnap.share.revert import recover_revert
 
             actions.append(recover_revert(volume, entry))
-        elif entry["op"] == "clone":
-            actions.append(f"{volume.name}: copy of clone data from {entry['source']} pending; resuming")
-        elif entry["op"] == "delete":
-            actions.append(f"{volume.name}: deletion of snapshot {entry['snapshot']} pending; resuming")
+        elif isinstance(entry, CloneEntry):
+            actions.append(f"{volume.name}: copy of clone data from {entry.source} pending; resuming")
+        elif isinstance(entry, DeleteEntry):
+            actions.append(f"{volume.name}: deletion of snapshot {entry.snapshot} pending; resuming")
         else:
-            actions.append(f"{volume.name}: unknown journal entry {entry!r} left alone")
+            actions.append(f"{volume.name}: unknown journal entry {entry.to_json()!r} left alone")
     return actions
 
 
-def _recover_snapshot(volume, entry: dict) -> str:
-    snapshot, overlay = entry["snapshot"], entry["overlay"]
+def _recover_snapshot(volume, entry: SnapshotEntry) -> str:
+    snapshot, overlay = entry.snapshot, entry.overlay
     info = volume.info()
     if info.snapshots.get(snapshot) == overlay:
         volume.save_sidecar(_finished_snapshot(volume.sidecar(), entry, time.time()))
@@ -339,18 +342,16 @@ def operations(volume) -> list[dict]:
     """Running, queued and failed deletions of `volume`, for `vfsnap status`."""
     out = []
     running = volume.running_merge
-    for entry in volume.sidecar().journal:
-        if entry["op"] != "delete":
-            continue
-        snapshot = entry["snapshot"]
-        op = {"volume": volume.name, "kind": "delete", "snapshot": snapshot, "overlay": entry["overlay"]}
+    for entry in volume.sidecar().entries(DeleteEntry):
+        snapshot = entry.snapshot
+        op = {"volume": volume.name, "kind": "delete", "snapshot": snapshot, "overlay": entry.overlay}
         if running is not None and running["snapshot"] == snapshot:
             merge = running["merge"]
             op.update(state="merging", done=merge.done, total=merge.total)
         elif snapshot in volume.failed:
             op.update(state="failed", error=volume.failed[snapshot])
-        elif entry.get("held_for") and _held(volume, entry):
-            op.update(kind="clone-point", state=f"held by clone {entry['held_for']}")
+        elif entry.held_for and _held(volume, entry):
+            op.update(kind="clone-point", state=f"held by clone {entry.held_for}")
         else:
             op.update(state="queued")
         out.append(op)

@@ -34,10 +34,11 @@ from vfsnap.format.header import MAGIC, read_header
 from vfsnap.format.tables import write_error
 from vfsnap.names import info_file, sidecar_file
 from vfsnap.share.first_meeting import first_record, guess_creation_time, probe_base
-from vfsnap.share.info import Sidecar, VolumeInfo, parse_info
+from vfsnap.share.info import VolumeInfo, parse_info
 from vfsnap.share.locks import VolumeLocks
 from vfsnap.share.open_images import OpenImages
 from vfsnap.share.qemu_locks import READING, UNUSED, WRITING, ImageUse
+from vfsnap.share.records import DeleteEntry, Sidecar
 from vfsnap.share.sidecar_store import SidecarStore
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,14 @@ class VolumeStat:
     mtime_ns: int
     ctime_ns: int
     atime_ns: int
+    exact: bool = True  # False: size and allocation are the base file's (see Volume.stat)
+
+
+def listed_stat(base: os.stat_result, size: int | None = None) -> VolumeStat:
+    """What a listing shows of a volume not in use: its base file's figures, read from its
+    `lstat` alone (`size`, when known, the size last seen), marked inexact (`Volume.stat`)."""
+    return VolumeStat(base.st_mode, base.st_uid, base.st_gid, round_size(base.st_size) if size is None else size,
+                      base.st_blocks * 512, base.st_mtime_ns, base.st_ctime_ns, base.st_atime_ns, exact=False)
 
 
 # Less unsynced data than this is synced where it is (the request thread): it takes little
@@ -127,18 +136,25 @@ class Volume:
     def has_open_images(self) -> bool:
         return bool(self.images)
 
-    def stat(self) -> "VolumeStat":
+    def stat(self, *, exact: bool = True) -> "VolumeStat":
         """What `stat` shows of the live volume, cheaply. A volume in use answers from its
         view; any other from its files' metadata, opening no image and writing nothing: size
         from the active image (a raw file's length in whole sectors, or the size field of a
         qcow2 header, read once per change of the file), allocation as the blocks of the files
-        its `.info` names (the files of its chain), times of the active image."""
+        its `.info` names (the files of its chain), times of the active image.
+
+        With `exact=False` (the entries of a listing) a volume not in use answers from its base
+        file alone, reading nothing: mode and owner are right, size (the last one seen, else the
+        base file's), allocation and times may not be, and `exact` in the result says so. A
+        listing of 10,000 volumes then reads no image header (issue 13)."""
         base = self.base_stat()
         view = self._live_view
         if view is not None:
             top = os.fstat(view.top.fd)
             return VolumeStat(base.st_mode, base.st_uid, base.st_gid, view.size, view.allocated_bytes(),
                               top.st_mtime_ns, top.st_ctime_ns, top.st_atime_ns)
+        if not exact:
+            return listed_stat(base, self._peeked[1] if self._peeked is not None else None)
         if self._info is not None:
             info = self.info()
         else:  # not read yet: what the index's scan read, if anything
@@ -328,7 +344,7 @@ class Volume:
     # -- snapshots as the tree shows them -------------------------------------------------
 
     def pending_deletes(self) -> list[str]:
-        return [e["snapshot"] for e in self.sidecar_store.journal() if e["op"] == "delete"]
+        return [e.snapshot for e in self.sidecar_store.journal() if isinstance(e, DeleteEntry)]
 
     def snapshots(self) -> list[str]:
         """Visible snapshot ids, oldest first (by their overlays' position in the chain).
