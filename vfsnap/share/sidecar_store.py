@@ -32,16 +32,16 @@ class SidecarStore:
         """The record: the share's, else the one made at the first meeting (in memory)."""
         if self._sidecar is None or self._stale:
             data = self.share.dir.read_small(self.file_name)
-            self._stale = False
             if data is not None:
-                self._sidecar = parse_sidecar(data, name=self.file_name)
-                self._saved = True
+                # A damaged record raises here, and again at every use (nothing is kept of it).
+                sidecar, saved = parse_sidecar(data, name=self.file_name), True
             elif self._sidecar is None or self._saved:
                 # Never met, or the share's record went (the volume was replaced): meet it now.
                 # An unsaved record stays as it is: probing again could give another answer.
-                self._sidecar = None
-                self._sidecar = self._meet()
-                self._saved = False
+                sidecar, saved = self._meet(), False
+            else:
+                sidecar, saved = self._sidecar, False
+            self._sidecar, self._saved, self._stale = sidecar, saved, False
         return self._sidecar
 
     def on_share_or_met(self) -> Sidecar | None:
