@@ -121,8 +121,12 @@ class ShareDir:
             raise _share_error(exc, name) from None
         try:
             regular = stat.S_ISREG(os.fstat(fd).st_mode)
-        except OSError:
+        except OSError as exc:
             _close_quietly(fd)
+            if exc.errno == errno.ENOENT:
+                # Opened, then replaced by another host (GlusterFS answers fstat of a file
+                # unlinked elsewhere with ENOENT): a stale handle, opened again by name.
+                raise OSError(errno.ESTALE, f"{name}: replaced while being opened") from None
             raise
         if not regular:
             os.close(fd)
