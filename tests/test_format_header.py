@@ -21,6 +21,8 @@ import struct
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vfsnap.errors import CorruptImage, UnsupportedImage, VfsnapError
 from vfsnap.format.header import (
@@ -301,3 +303,21 @@ def test_truncated_files_are_refused(images, tmp_path):
     for length in (0, 4, 71, 100):
         with pytest.raises(CorruptImage):
             parse_header(data[:length], length, name="short")
+
+
+# -- the used part of a refcount table (opening an image reads only up to its last entry) ------
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 3 * 4096 + 100), st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(1, 255)), max_size=3))
+def test_used_entries_bytes_is_the_table_up_to_its_last_entry(length, nonzero):
+    """`used_entries_bytes` (zero runs skipped by comparison) agrees with stripping every trailing
+    zero byte, rounded up to whole 8-byte entries, wherever the last non-zero byte falls."""
+    from vfsnap.format.tables import used_entries_bytes
+
+    raw = bytearray(length)
+    for position, value in nonzero:
+        if length:
+            raw[position % length] = value
+    raw = bytes(raw)
+    assert used_entries_bytes(raw) == -(-len(raw.rstrip(b"\0")) // 8) * 8

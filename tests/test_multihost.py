@@ -146,7 +146,7 @@ def test_concurrent_writes_mkdir_and_rmdir_from_two_hosts_keep_the_chain_consist
                     fd = os.open(mnt.volume("vol"), os.O_WRONLY | os.O_DSYNC)
                 except OSError as exc:
                     if exc.errno != errno.EBUSY:
-                        raise
+                        raise OSError(exc.errno, f"writer {first}: open: {exc.strerror}") from exc
                     busy["count"] += 1
                     time.sleep(0.01)
                     continue
@@ -168,15 +168,17 @@ def test_concurrent_writes_mkdir_and_rmdir_from_two_hosts_keep_the_chain_consist
             for i in range(40):
                 try:
                     if taken and i % 3 == 2:
+                        doing = f"rmdir {taken[0]}"
                         os.rmdir(mnt.snapshot_dir("vol", taken.pop(0)))
                     else:
                         name = f"{prefix}{i}"
+                        doing = f"mkdir {name}"
                         os.mkdir(mnt.snapshot_dir("vol", name))
                         taken.append(name)
                         taken_by[prefix] += 1
                 except OSError as exc:
                     if exc.errno != errno.EBUSY:
-                        raise
+                        raise OSError(exc.errno, f"host {prefix}: {doing}: {exc.strerror}") from exc
                     busy["count"] += 1
                 time.sleep(0.01)
         except BaseException as exc:  # noqa: BLE001

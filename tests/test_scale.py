@@ -1,11 +1,12 @@
 """Large shares (issue 13): the volume index lists a share of thousands of volumes completely and
 correctly while volumes come and go, through the mount and behind its back; another host's new
 volume appears within the documented interval; mounting and listing open no volume and write
-nothing to the share; a 1000-deep chain is served with the default options; `vfsnap status`
-shows the mount's memory budget."""
+nothing to the share, and no read of a volume or snapshot writes (issue 16); a 1000-deep chain is
+served with the default options; `vfsnap status` shows the mount's memory budget."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -202,6 +203,82 @@ def test_mounting_and_listing_open_nothing_and_write_nothing(share, tmp_path, vf
         assert (share / f"{name}.vfsnap.json").exists(), f"{name}: no record after the first open"
     assert json.loads((share / "qcow.vfsnap.json").read_text())["format"] == "qcow2"
     assert json.loads((share / "raw.vfsnap.json").read_text())["format"] == "raw"
+
+
+def read_everything(mnt, volumes: list[str]) -> dict:
+    """Every read a user or a backup tool makes of the tree, through the mount: listings, stat
+    of every node (volumes, snapshot directories, snapshot files, `latest`), every attribute,
+    the bytes of every snapshot, `vfsnap map` of volumes and snapshots, `vfsnap diff`, `vfsnap
+    status`. Returns what was seen (to compare with the share)."""
+    seen: dict = {"volumes": sorted(os.listdir(mnt.path / "volumes"))}
+    subprocess.run(["ls", "-lR", str(mnt.path)], check=True, capture_output=True)
+    for name in volumes:
+        paths = [mnt.volume(name), mnt.snapshot_dir(name)]
+        snaps = sorted(n for n in os.listdir(mnt.snapshot_dir(name)) if n != "latest")
+        seen[name] = {"snapshots": snaps, "created": {}, "data": {}}
+        if snaps:
+            assert os.readlink(mnt.snapshot_dir(name, "latest")) == snaps[-1]
+        for snap in snaps:
+            paths += [mnt.snapshot_dir(name, snap), mnt.snapshot(name, snap)]
+            seen[name]["created"][snap] = os.stat(mnt.snapshot_dir(name, snap)).st_mtime_ns
+            with open(mnt.snapshot(name, snap), "rb") as f:  # the snapshot's bytes, all of them
+                seen[name]["data"][snap] = hashlib.sha256(f.read()).hexdigest()
+            result = vfsnap("map", "--output=json", str(mnt.snapshot(name, snap)))
+            assert result.returncode == 0, result.stderr
+        if len(snaps) > 1:
+            result = vfsnap("diff", "--from-snap", snaps[0], "--output=json", str(mnt.snapshot(name, snaps[-1])))
+            assert result.returncode == 0, result.stderr
+        result = vfsnap("map", "--output=json", str(mnt.volume(name)))
+        assert result.returncode == 0, result.stderr
+        for path in paths:
+            os.stat(path)
+            for attribute in os.listxattr(path):
+                os.getxattr(path, attribute)
+    status = vfsnap("status", "--json", str(mnt.path))
+    assert status.returncode == 0, status.stderr
+    seen["status"] = {v["name"]: v.get("snapshots") for v in json.loads(status.stdout)["volumes"]}
+    return seen
+
+
+def test_reading_volumes_and_snapshots_writes_nothing(share, tmp_path, vfsnap_mount):
+    """Reading never writes (issue 16): every read of the tree (listings, stat and getattr of
+    every node, the times of snapshots vfsnap did not take, every attribute, reading every
+    snapshot's bytes, `vfsnap map`/`diff`/`status`) leaves every file of the share as it was and
+    makes no sidecar: for volumes vfsnap never met, for a met volume, and for a snapshot another
+    program (Cinder) took behind the mount's back, whose creation time vfsnap can only guess."""
+    make_chain(share, "chain", size=2 * MiB, depth=3)  # raw base, 3 overlays, `.info`: Cinder's
+    qemu_io(share / "chain.s1", f"write -P 7 {MiB} 64k")
+    make_chain(share, "met", size=MiB, depth=2)
+    qemu_io(share / "met.s2", "write -P 9 0 64k")
+    sparse_volume(share / "plain", MiB)
+    mnt = vfsnap_mount()
+    result = vfsnap("sync", str(mnt.path), "--timeout", "60")  # the mount's recovery is done
+    assert result.returncode == 0, result.stderr
+    with open(mnt.volume("met"), "rb") as f:  # "met": opened once, so its record is on the share
+        f.read(4096)
+    assert (share / "met.vfsnap.json").exists()
+
+    before = share_state(share)
+    first = read_everything(mnt, ["chain", "met", "plain"])
+    assert share_state(share) == before, "reading the tree changed the share"
+    assert sorted(n for n in os.listdir(share) if n.endswith(".vfsnap.json")) == ["met.vfsnap.json"]
+    assert first["chain"]["snapshots"] == ["s1", "s2", "s3"] and first["met"]["snapshots"] == ["s1", "s2"]
+
+    # Cinder takes a snapshot of the met volume behind the mount's back: its time is a guess.
+    create(share / "met.s3", MiB, backing="met.s2", backing_fmt="qcow2")
+    write_info(share, "met", "met.s3", {"s1": "met.s1", "s2": "met.s2", "s3": "met.s3"})
+    deadline = time.monotonic() + 10
+    while "s3" not in os.listdir(mnt.snapshot_dir("met")):
+        assert time.monotonic() < deadline, "a snapshot taken on the share was not listed"
+        time.sleep(0.05)
+    with open(mnt.volume("met"), "r+b"):  # a guest runs on it (nothing written): backups read
+        before = share_state(share)
+        second = read_everything(mnt, ["chain", "met", "plain"])
+        again = read_everything(mnt, ["chain", "met", "plain"])
+        assert share_state(share) == before, "reading the tree changed the share"
+    assert second == again  # what reads show is stable, the guessed time of met@s3 too
+    assert first["chain"] == second["chain"]
+    assert json.loads((share / "met.vfsnap.json").read_text()).get("snapshots", {}).keys() == {"s1", "s2"}
 
 
 def test_a_listing_reads_no_header_and_stat_after_it_is_exact(share, vfsnap_mount):

@@ -218,6 +218,12 @@ class View:
         self._chunks.clear()
         self._size = self.images[-1].size
 
+    def invalidate_all(self) -> None:
+        """Forget everything resolved, also below the top (an image below it changed its map)."""
+        self.invalidate()
+        if self._below is not None:
+            self._below.invalidate_all()
+
     def set_images(self, images: list[Image]) -> None:
         """The chain changed (snapshot taken, merge done, image reopened): serve the new one.
 

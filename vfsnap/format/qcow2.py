@@ -27,6 +27,7 @@ from vfsnap.format.tables import (
     cluster_span,
     compressed_span,
     table_from_bytes,
+    used_entries_bytes,
 )
 from vfsnap.format.writer import Qcow2Writer
 
@@ -99,7 +100,7 @@ class Qcow2Image(Qcow2Writer, Image):
         raw = pread_full(self.fd, rt_bytes, h.refcount_table_offset) if rt_bytes else b""
         # Only up to the last used entry: a small image's table is a cluster of mostly zeros,
         # and looking at all of them cost 1 ms per image (a 1000-deep chain opened in 2 s).
-        used = -(-len(raw.rstrip(b"\0")) // 8) * 8
+        used = used_entries_bytes(raw)
         reftable = table_from_bytes(raw[:used]) if used else ()
         blocks = sum(1 for e in reftable if e & OFFSET_MASK)
         tables = sum(1 for e in self.l1 if e & OFFSET_MASK)

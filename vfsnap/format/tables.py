@@ -25,6 +25,23 @@ def table_from_bytes(data: bytes) -> array:
     return table
 
 
+_ZERO_RUN = bytes(4096)
+
+
+def used_entries_bytes(raw: bytes, entry_size: int = 8) -> int:
+    """The length of `raw` up to the end of its last entry that is not all zero bytes.
+
+    A small image's refcount table is a cluster of mostly zeros: whole zero runs are skipped by
+    comparison (memcmp), and only the last run is stripped byte by byte (`bytes.rstrip` alone took
+    0.1 ms per 64 KiB table: a tenth of a second to open a 1000-deep chain)."""
+    end = len(raw)
+    step = len(_ZERO_RUN)
+    while end >= step and raw[end - step : end] == _ZERO_RUN:
+        end -= step
+    end = len(raw[max(0, end - step) : end].rstrip(b"\0")) + max(0, end - step)
+    return -(-end // entry_size) * entry_size
+
+
 def table_to_bytes(table: array) -> bytes:
     if _SWAP:
         swapped = array("Q", table)

@@ -22,8 +22,7 @@ import trio
 
 from vfsnap.errors import InvalidName, NotFound, ReadOnly
 from vfsnap.fs.tree import Node, SnapshotDir, SnapshotFile, VolumeFile, VolumesDir, VolumeSnapshotsDir
-from vfsnap.share import clone, revert
-from vfsnap.share.locks import ChainChange
+from vfsnap.share import changes, clone
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +62,14 @@ async def run(ops, node: Node, name: str, value: bytes) -> None:
 
 
 async def _clone(ops, request: dict) -> None:
-    pool = ops.pool
-    source = pool.volume(request["source"])
-    async with ChainChange(source):
-        volume = clone.create_clone(pool, source, request["snapshot"], request["name"])
+    volume = await changes.create_clone(ops.pool, request["source"], request["snapshot"], request["name"])
     ops.inodes.retire(VolumeFile(volume.name))  # a fresh inode: never the pages of an older one
     start_copy(ops, volume)
 
 
 def start_copy(ops, volume) -> None:
     """Run a clone's background copy (at creation, and for a clone found unfinished at mount)."""
-    if ops._nursery is None or clone.copy_state(volume).running:
+    if not ops.running or clone.copy_state(volume).running:
         return
     try:
         if clone.clone_entry(volume.sidecar()) is None:
@@ -84,7 +80,7 @@ def start_copy(ops, volume) -> None:
     def copied(entry: clone.CloneEntry) -> None:
         start_held_merges(ops)
 
-    ops._nursery.start_soon(lambda: clone.run_copy(volume, on_done=copied))
+    ops.start_background(lambda: clone.run_copy(volume, on_done=copied))
 
 
 def start_held_merges(ops) -> None:
@@ -101,8 +97,7 @@ async def _revert(ops, volume_name: str, request: dict) -> None:
     snapshot = request["snapshot"]
     if not volume.has_snapshot(snapshot):
         raise NotFound(f"volume {volume_name} has no snapshot {snapshot}")
-    async with ChainChange(volume):
-        destroyed = revert.revert(volume, snapshot, destroy_newer=request["destroy_newer"])
+    destroyed = await changes.revert_volume(volume, snapshot, destroy_newer=request["destroy_newer"])
     for gone in destroyed:
         ops.inodes.retire(SnapshotDir(volume_name, gone))
         ops.inodes.retire(SnapshotFile(volume_name, gone))

@@ -166,7 +166,7 @@ def create_clone(pool, source, snapshot: str | None, name: str):
         snapshot = "clone-" + secrets.token_hex(6)
         take_snapshot(source, snapshot, hidden_for=name)
     overlay = source.info().snapshots[snapshot]
-    chain = source._snapshot_chain(snapshot)  # the point in time: the chain below the overlay
+    chain = source.snapshot_chain(snapshot)  # the point in time: the chain below the overlay
     top = chain[-1]
     entry = CloneEntry(
         source=source.name,
@@ -407,12 +407,9 @@ def _data_runs(start: int, end: int, fd: int, host) -> list[tuple[int, int]]:
 def _forget_resolved(volume, base) -> None:
     """Views of the clone resolved the copied clusters to the source's files (same bytes, but
     a later in-place write to the base must be read back from the base)."""
-    for view in volume._views():
+    for view in volume.views():
         if base in view.images:
-            view.invalidate()
-            below = getattr(view, "_below", None)
-            if below is not None:
-                below.invalidate()
+            view.invalidate_all()
 
 
 def _finish(volume, entry: CloneEntry, state: CopyState) -> None:

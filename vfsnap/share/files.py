@@ -21,6 +21,10 @@ from vfsnap.names import TEMP_PREFIX
 
 log = logging.getLogger(__name__)
 
+# How many times a document the share's listing has, but an open by name does not find, is
+# looked up afresh and opened again before the name is reported stale (`ShareDir._open_listed`).
+LISTED_OPEN_ATTEMPTS = 5
+
 
 def retry_stale(operation):
     """Run `operation` of a ShareDir; on ESTALE, re-resolve the share directory and run it once
@@ -117,8 +121,12 @@ class ShareDir:
             raise _share_error(exc, name) from None
         try:
             regular = stat.S_ISREG(os.fstat(fd).st_mode)
-        except OSError:
+        except OSError as exc:
             _close_quietly(fd)
+            if exc.errno == errno.ENOENT:
+                # Opened, then replaced by another host (GlusterFS answers fstat of a file
+                # unlinked elsewhere with ENOENT): a stale handle, opened again by name.
+                raise OSError(errno.ESTALE, f"{name}: replaced while being opened") from None
             raise
         if not regular:
             os.close(fd)
@@ -138,12 +146,8 @@ class ShareDir:
         except NotFound:
             if not self.uncached_reads:
                 return None
-            listing = self.reresolve()
-            if listing is not None and name not in listing:
-                return None
-            try:
-                fd = self.open_regular(name, os.O_RDONLY | os.O_DIRECT)
-            except NotFound:
+            fd = self._open_listed(name)
+            if fd is None:
                 return None
         except VfsnapError as exc:
             if exc.errno != errno.EINVAL or not self.uncached_reads:
@@ -164,6 +168,22 @@ class ShareDir:
         if len(data) > limit:
             raise CorruptImage(f"{name}: larger than {limit} bytes")
         return data
+
+    def _open_listed(self, name: str, attempts: int = LISTED_OPEN_ATTEMPTS) -> int | None:
+        """Open `name` (O_DIRECT) that an open by name just answered ENOENT for: None once a
+        fresh listing no longer has it; while the listing has it, that ENOENT was a name the kernel
+        still mapped to a replaced file, so look the names up afresh and open again. Another
+        host replacing the file over and over can make a few opens in a row miss it; after
+        `attempts` the stale name is reported (ESTALE) rather than taken for absent."""
+        for _ in range(attempts):
+            listing = self.reresolve()
+            if listing is not None and name not in listing:
+                return None
+            try:
+                return self.open_regular(name, os.O_RDONLY | os.O_DIRECT)
+            except NotFound:
+                continue
+        raise OSError(errno.ESTALE, f"{name}: listed, but not found when opened {attempts} times")
 
     def write_atomic(self, name: str, data: bytes, mode: int = 0o644) -> None:
         """Replace `name` with `data` so that a crash leaves either the old or the new file."""

@@ -81,9 +81,7 @@ def revert(volume, snapshot: str, *, destroy_newer: bool = False) -> list[str]:
     # The images that go or change: closed before the files do (written back first: a reader's
     # object must not write a stale header later).
     for name in [target, *above]:
-        image = volume._images.pop(name, None)
-        if image is not None:
-            volume._retire(image)
+        volume.images.drop(name)
     volume.save_sidecar(volume.sidecar().with_entry(entry))
     try:
         _create_fresh(volume, entry)
@@ -144,9 +142,7 @@ def recover_revert(volume, entry: RevertEntry) -> str:
         volume.save_sidecar(volume.sidecar().without_entry(entry))
         return f"{volume.name}: revert to snapshot {entry.snapshot} was not committed; rolled back"
     for name in [entry.target, *entry.files]:
-        image = volume._images.pop(name, None)
-        if image is not None:
-            volume._retire(image)
+        volume.images.drop(name)
     _roll_forward(volume, entry)
     volume.rebuild_views()
     return f"{volume.name}: revert to snapshot {entry.snapshot} finished"

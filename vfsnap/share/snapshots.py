@@ -270,11 +270,11 @@ def _rebase(volume, child: str, backing: str) -> None:
     no stale copy of the header can be written back later); any other through a short-lived
     read-write one, after which the volume's read-only object is reopened.
     """
-    image = volume._images.get(child)
+    image = volume.images.get(child)
     if image is not None and image.writable:
         image.set_backing(backing, volume.format_of(backing))
         return
-    temporary = volume._open_file(child, "qcow2", writable=True)
+    temporary = volume.images.open_file(child, "qcow2", writable=True)
     try:
         temporary.set_backing(backing, volume.format_of(backing))
     finally:
@@ -292,9 +292,7 @@ def _finish_delete(volume, entry: DeleteEntry) -> None:
         if active == overlay:
             raise CorruptImage(f"{volume.name}: {overlay} is still active after its merge")
         volume.write_info(info.without_snapshot(snapshot))
-    image = volume._images.pop(overlay, None)
-    if image is not None:
-        volume._retire(image)
+    volume.images.drop(overlay)
     if overlay not in (volume.info().active, volume.name) and overlay not in volume.info().snapshots.values():
         volume.share.dir.unlink(overlay)
         volume.share.dir.fsync()

@@ -1,10 +1,18 @@
-"""A volume on a share: its `.info`, its sidecar, its images, and the views of them.
+"""A volume on a share: its chain as `.info` names it, and the views of it.
 
 The views of a volume are its live disk (the chain ending at the active image) and one per
-snapshot (the chain *below* the overlay created when the snapshot was taken). Images are opened
-once and shared by all views of the volume; view objects live as long as the volume, and when the
-chain changes they are given their new chain (`rebuild_views`), so open files keep working.
-Chain-changing operations (snapshots, merges, rename) are in `vfsnap.share.snapshots`.
+snapshot (the chain *below* the overlay created when the snapshot was taken). View objects live
+as long as the volume, and when the chain changes they are given their new chain
+(`rebuild_views`), so open files keep working. What a `Volume` holds besides:
+
+- its record (the sidecar: base format, creation times, journal): `vfsnap.share.sidecar_store`;
+- its open image objects, one per file, and QEMU's locks on them: `vfsnap.share.open_images`;
+- its locks between hosts: `vfsnap.share.locks`.
+
+Reading a volume (stat, listing its snapshots, their times, attributes, reads of its views)
+never writes to the share: only opening the live volume (its first-meeting record) and chain
+changes do. Chain-changing operations are in `vfsnap.share.snapshots`, `clone`, `revert` and
+`rename`; the fs layer reaches them through `vfsnap.share.changes`, which takes the locks.
 """
 
 from __future__ import annotations
@@ -20,15 +28,18 @@ import trio
 from vfsnap.chain.backing import ChainRules, backing_chain
 from vfsnap.chain.view import View
 from vfsnap.errors import Busy, CorruptImage, NotFound, NotPermitted, VfsnapError
-from vfsnap.format import Image, Qcow2Image, open_image, probe_format
+from vfsnap.format import Image
 from vfsnap.format.create import round_size
 from vfsnap.format.header import MAGIC, read_header
 from vfsnap.format.tables import write_error
 from vfsnap.names import info_file, sidecar_file
+from vfsnap.share.first_meeting import first_record, guess_creation_time, probe_base
 from vfsnap.share.info import VolumeInfo, parse_info
 from vfsnap.share.locks import VolumeLocks
-from vfsnap.share.qemu_locks import READING, UNUSED, WRITING, ImageLocks, ImageUse
-from vfsnap.share.records import DeleteEntry, Sidecar, parse_sidecar
+from vfsnap.share.open_images import OpenImages
+from vfsnap.share.qemu_locks import READING, UNUSED, WRITING, ImageUse
+from vfsnap.share.records import DeleteEntry, Sidecar
+from vfsnap.share.sidecar_store import SidecarStore
 
 log = logging.getLogger(__name__)
 
@@ -88,21 +99,18 @@ class Volume:
     def __init__(self, share, name: str):
         self.share = share
         self.name = name
-        self._images: dict[str, Image] = {}
         self._info: VolumeInfo | None = None
         self._info_bytes: bytes | None = None
         self._info_checked = 0.0
-        self._sidecar: Sidecar | None = None
-        self._sidecar_saved = False  # False: made at the first meeting, not yet on the share
+        self.sidecar_store = SidecarStore(share, sidecar_file(name), meet=lambda: first_record(self))
+        self.images = OpenImages(share, name, use_of=self._qemu_use, in_use=lambda: bool(self.open_count))
         self._peeked: tuple[tuple, int] | None = None  # (file identity, virtual size): see stat()
         self._live_view: View | None = None
         self._snapshot_views: dict[str, View] = {}
-        self._retired: list[Image] = []
         self.open_count = 0
         self.writers = 0
         self.open_snapshots: Counter[str] = Counter()
         self.locks = VolumeLocks(share.dir, name)
-        self.image_locks = ImageLocks(share.dir, name)  # QEMU's locks on the images (qemu_locks.py)
         self.chain_changing = False  # set by ChainChange while it holds the share's locks
         # Chain changes of this volume happen one at a time (DESIGN.md section 3).
         self.chain_lock = trio.Lock()
@@ -126,7 +134,7 @@ class Volume:
 
     @property
     def has_open_images(self) -> bool:
-        return bool(self._images or self._retired)
+        return bool(self.images)
 
     def stat(self, *, exact: bool = True) -> "VolumeStat":
         """What `stat` shows of the live volume, cheaply. A volume in use answers from its
@@ -183,10 +191,10 @@ class Volume:
             return self._peeked[1]
         if name != self.name:
             image_format = "qcow2"  # overlays always are (ChainRules)
-        elif self._sidecar is not None or self.share.dir.exists(self.sidecar_name):
-            image_format = self.sidecar().base_format
         else:
-            image_format = self._probe_base()  # what the first meeting will record
+            recorded = self.sidecar_store.on_share_or_met()
+            # Not met yet: what the first meeting will record (probed, not recorded now).
+            image_format = recorded.base_format if recorded is not None else probe_base(self)
         if image_format == "raw":
             size = round_size(st.st_size)
         else:
@@ -210,7 +218,7 @@ class Volume:
             raise NotFound(f"volume {self.name} no longer exists")
         return st
 
-    # -- .info and sidecar ----------------------------------------------------------------
+    # -- .info ----------------------------------------------------------------------------
 
     def info(self) -> VolumeInfo:
         """The volume's `.info`, read again when the last read is older than a moment."""
@@ -223,18 +231,16 @@ class Volume:
         but keep the view objects, which open files hold."""
         data = self.share.dir.read_small(self.info_name)
         self._info_checked = time.monotonic()
+        self.sidecar_store.forget()  # read again too: another host may have journalled a deletion
         if self._info is not None and data == self._info_bytes:
-            self._sidecar = None  # re-read too: another host may have journalled a deletion
             return self._info
         changed = self._info is not None
         self._info = VolumeInfo(active=self.name) if data is None else parse_info(data, name=self.info_name)
         self._info_bytes = data
+        self.sidecar_store.keep_guesses_of(self._info.snapshots)
         if changed:
             log.info("%s: %s changed on the share; reopening the chain", self.name, self.info_name)
-            for image in self._images.values():
-                self._retire(image)
-            self._images.clear()
-            self._sidecar = None
+            self.images.drop_all()
             self.rebuild_views()
         return self._info
 
@@ -245,75 +251,23 @@ class Volume:
         self._info = info
         self._info_bytes = data
         self._info_checked = time.monotonic()
+        self.sidecar_store.keep_guesses_of(info.snapshots)
+
+    # -- the record (sidecar) -------------------------------------------------------------
 
     def sidecar(self) -> Sidecar:
-        """vfsnap's record of the volume. A volume that has none is given one (in memory) the
-        first time vfsnap meets it; it reaches the share when the volume is first opened or
-        changed (`record`), never by listing or stat."""
-        if self._sidecar is None:
-            data = self.share.dir.read_small(self.sidecar_name)
-            if data is not None:
-                self._sidecar = parse_sidecar(data, name=self.sidecar_name)
-                self._sidecar_saved = True
-            else:
-                self._sidecar = self._first_meeting()
-                self._sidecar_saved = False
-        return self._sidecar
+        """vfsnap's record of the volume (`SidecarStore.get`): a volume that has none is given
+        one in memory the first time vfsnap meets it."""
+        return self.sidecar_store.get()
 
     def save_sidecar(self, sidecar: Sidecar) -> None:
-        self.share.dir.write_atomic(self.sidecar_name, sidecar.to_json())
-        self._sidecar = sidecar
-        self._sidecar_saved = True
+        self.sidecar_store.save(sidecar)
 
     def record(self) -> None:
         """Write the record made when vfsnap met the volume, if the share has none yet: before
         the first write can change what a probe would see (DESIGN.md invariant 4)."""
-        sidecar = self.sidecar()
-        if not self._sidecar_saved and not self.share.read_only:
-            self.save_sidecar(sidecar)
-            log.info("%s: first seen; recorded base format %s", self.name, sidecar.base_format)
-
-    def _first_meeting(self) -> Sidecar:
-        info = self.info()
-        base_format = self._declared_base_format(info) or self._probe_base()
-        created = {snapshot: self._guess_creation_time(overlay) for snapshot, overlay in info.snapshots.items()}
-        return Sidecar(base_format=base_format, created=created)
-
-    def _declared_base_format(self, info: VolumeInfo) -> str | None:
-        """The base's format as the overlay just above it declares it, if one does."""
-        rules = ChainRules(self.name, base_format="raw", max_depth=self.share.options.max_chain_depth)
-        name, depth = info.active, 0
-        while name != self.name and rules.belongs(name) and depth <= rules.max_depth:
-            image = self._open_member(name, "qcow2")
-            assert isinstance(image, Qcow2Image)
-            if image.backing_file == self.name:
-                return image.backing_format
-            if image.backing_file is None:
-                return None
-            name, depth = image.backing_file, depth + 1
-        return None
-
-    def _probe_base(self) -> str:
-        fd = self.share.dir.open_regular(self.name, os.O_RDONLY)
-        try:
-            return probe_format(fd)
-        finally:
-            os.close(fd)
-
-    def _guess_creation_time(self, overlay: str) -> float:
-        """For a snapshot vfsnap did not take: when its data stopped changing.
-
-        The data of a snapshot is the chain below its overlay, and the file just below was last
-        written right before the snapshot was taken; the overlay's own times move on.
-        """
-        try:
-            image = self._open_member(overlay, "qcow2")
-            below = getattr(image, "backing_file", None)
-            st = self.share.dir.stat(below) if below else None
-            st = st or self.share.dir.stat(overlay)
-            return st.st_mtime if st else time.time()
-        except VfsnapError:
-            return time.time()
+        if self.sidecar_store.save_first_meeting():
+            log.info("%s: first seen; recorded base format %s", self.name, self.sidecar().base_format)
 
     # -- images and chains ----------------------------------------------------------------
 
@@ -327,57 +281,35 @@ class Volume:
     def format_of(self, file_name: str) -> str:
         return self.rules().format_of(file_name, None, referrer=self.info_name)
 
-    def _open_member(self, name: str, image_format: str) -> Image:
-        """Open (once) a file of the volume; the active image read-write unless the mount is ro."""
+    def open_member(self, name: str, image_format: str) -> Image:
+        """The image object of a file of the volume (opened once, shared by every view); the
+        active image read-write unless the mount is read-only."""
         writable = not self.share.read_only and self._info is not None and name == self._info.active
-        image = self._images.get(name)
-        if image is not None and image.format == image_format and (image.writable or not writable):
-            return image
-        image = self._open_file(name, image_format, writable=writable)
-        self._lock_for_qemu(name, image)
-        old = self._images.pop(name, None)
-        if old is not None:
-            self._retire(old)
-        self._images[name] = image
-        return image
-
-    def _open_file(self, name: str, image_format: str, *, writable: bool) -> Image:
-        fd = self.share.dir.open_regular(name, os.O_RDWR if writable else os.O_RDONLY)
-        try:
-            return open_image(fd, name, image_format, writable=writable, table_cache=self.share.table_cache)
-        except BaseException:
-            os.close(fd)
-            raise
+        return self.images.open(name, image_format, writable=writable)
 
     def reopen(self, name: str, *, writable: bool) -> Image:
         """Replace the open image `name` by a fresh one (after its header changed, or to write it).
 
         Every view gets the new object; the old one is flushed and retired.
         """
-        old = self._images.get(name)
-        if old is not None and old.writable:
-            # Clean on disk first: the new object reads the header, and must not see (and later
-            # write back) a dirty mark the old one is about to clear.
-            old.close_writes()
-        image = self._open_file(name, self.format_of(name), writable=writable)
-        self._lock_for_qemu(name, image)
-        self._images[name] = image
+        old, image = self.images.reopen(name, self.format_of(name), writable=writable)
         if old is not None:
-            for view in self._views():
+            for view in self.views():
                 if old in view.images:
                     view.set_images([image if img is old else img for img in view.images])
-            self._retire(old)
+            self.images.retire(old)
         return image
 
     def live_chain(self) -> list[Image]:
         info = self.info()
         rules = self.rules()
         return backing_chain(info.active, rules.format_of(info.active, None, referrer=self.info_name), rules,
-                             self._open_member)
+                             self.open_member)
 
-    def _snapshot_chain(self, snapshot: str) -> list[Image]:
+    def snapshot_chain(self, snapshot: str) -> list[Image]:
+        """The images of snapshot `snapshot`'s data: the chain below its overlay."""
         overlay = self.info().snapshots[snapshot]
-        chain = backing_chain(overlay, "qcow2", self.rules(), self._open_member)
+        chain = backing_chain(overlay, "qcow2", self.rules(), self.open_member)
         if len(chain) < 2:
             raise CorruptImage(f"{overlay}: snapshot overlay has no backing file")
         return chain[:-1]
@@ -389,7 +321,8 @@ class Volume:
                                    max_chunks=self.share.options.map_cache_chunks)
         return self._live_view
 
-    def _views(self) -> list[View]:
+    def views(self) -> list[View]:
+        """The views of the volume made so far (its snapshots', its live disk's)."""
         views = list(self._snapshot_views.values())
         if self._live_view is not None:
             views.append(self._live_view)
@@ -402,20 +335,16 @@ class Volume:
             self._live_view.set_images(self.live_chain())
         for snapshot, view in list(self._snapshot_views.items()):
             if snapshot in info.snapshots:
-                view.set_images(self._snapshot_chain(snapshot))
+                view.set_images(self.snapshot_chain(snapshot))
             else:
                 del self._snapshot_views[snapshot]
-        used = {img.name for view in self._views() for img in view.images} | {info.active}
-        for name in [n for n in self._images if n not in used]:
-            self._retire(self._images.pop(name))
+        self.images.keep_only({img.name for view in self.views() for img in view.images} | {info.active})
         self.sync_qemu_locks()
 
     # -- snapshots as the tree shows them -------------------------------------------------
 
     def pending_deletes(self) -> list[str]:
-        if self._sidecar is None and not self.share.dir.exists(self.sidecar_name):
-            return []
-        return [e.snapshot for e in self.sidecar().entries(DeleteEntry)]
+        return [e.snapshot for e in self.sidecar_store.journal() if isinstance(e, DeleteEntry)]
 
     def snapshots(self) -> list[str]:
         """Visible snapshot ids, oldest first (by their overlays' position in the chain).
@@ -445,19 +374,20 @@ class Volume:
             raise NotFound(f"volume {self.name} has no snapshot {snapshot}")
         view = self._snapshot_views.get(snapshot)
         if view is None:
-            view = View(self._snapshot_chain(snapshot), name=f"{self.name}@{snapshot}", budget=self.share.map_budget,
+            view = View(self.snapshot_chain(snapshot), name=f"{self.name}@{snapshot}", budget=self.share.map_budget,
                         max_chunks=self.share.options.map_cache_chunks)
             self._snapshot_views[snapshot] = view
         return view
 
     def snapshot_created(self, snapshot: str) -> float:
-        created = self.sidecar().created.get(snapshot)
+        """When `snapshot` was taken: recorded, or guessed (kept in memory and written with the
+        record's next write: asking never writes)."""
+        created = self.sidecar_store.created(snapshot)
         if created is None:
             overlay = self.info().snapshots.get(snapshot)
-            created = self._guess_creation_time(overlay) if overlay else time.time()
-            # Kept with the record, which reaches the share at the next open or change.
-            self._sidecar = self.sidecar().with_created(snapshot, created)
-            self._sidecar_saved = False
+            created = guess_creation_time(self, overlay) if overlay else time.time()
+            if overlay:
+                self.sidecar_store.note_guess(snapshot, created)
         return created
 
     # -- writing --------------------------------------------------------------------------
@@ -522,7 +452,7 @@ class Volume:
         """Rebuild the refcounts of images a crash left marked dirty (reclaims leaked clusters)."""
         repaired = []
         for name in self.dirty_images():
-            image = self._open_file(name, "qcow2", writable=True)
+            image = self.images.open_file(name, "qcow2", writable=True)
             try:
                 image.prepare_for_writing()  # rebuilds the refcounts of a dirty image
                 image.close_writes()
@@ -533,7 +463,8 @@ class Volume:
         return repaired
 
     def finish_journal(self) -> None:
-        """Clear what committed operations left in the journal (see `needs_recovery`)."""
+        """Clear what committed operations left in the journal (see `needs_recovery`). The
+        caller holds the chain locks (`ChainChange`, or the volume is being closed)."""
         from vfsnap.share.snapshots import recover
 
         try:
@@ -556,7 +487,7 @@ class Volume:
         self.refresh()
         # One image after the other, each swapped into the views only once its new descriptor
         # is open: a failure midway leaves every view with open (if old) images.
-        for name, image in list(self._images.items()):
+        for name, image in self.images.items():
             self.reopen(name, writable=image.writable)
 
     # -- QEMU's image locks ---------------------------------------------------------------
@@ -575,44 +506,11 @@ class Volume:
             return READING
         return UNUSED
 
-    def _lock_for_qemu(self, name: str, image: Image) -> None:
-        """Take QEMU's locks for a newly opened image; Busy (the image closed) when a QEMU
-        process's use conflicts."""
-        try:
-            self.image_locks.set(name, self._qemu_use(name, image))
-        except BaseException:
-            image.close()
-            raise
-
     def sync_qemu_locks(self, *, strict: bool = False) -> None:
-        """Bring QEMU's locks on every image in line with what this host does with it now.
-
-        Strict: the first conflict raises Busy (when something starts: an open, a chain change);
-        else a conflict is logged and that image keeps its locks (when something ends)."""
-        for name in set(self._images) | set(self.image_locks.names()):
-            try:
-                self.image_locks.set(name, self._qemu_use(name, self._images.get(name)))
-            except Busy:
-                if strict:
-                    raise
-            except (VfsnapError, OSError) as exc:
-                if strict:
-                    raise
-                log.warning("%s: QEMU's locks on %s: %s", self.name, name, exc)
+        """QEMU's locks on every image in line with what this host does now (`OpenImages`)."""
+        self.images.sync_qemu_locks(strict=strict)
 
     # -- lifetime -------------------------------------------------------------------------
-
-    def _retire(self, image: Image) -> None:
-        """Close an image now, or once no open file uses this volume any more."""
-        if image.writable:
-            try:
-                image.close_writes()
-            except (VfsnapError, OSError) as exc:
-                log.error("%s: flushing %s before closing it: %s", self.name, image.name, exc)
-        if self.open_count:
-            self._retired.append(image)
-        else:
-            image.close()
 
     def opened(self, snapshot: str | None = None, *, writing: bool = False) -> None:
         if writing and not self.writers and not self.share.read_only:
@@ -628,12 +526,15 @@ class Volume:
                 if writing:
                     self.locks.release_writer()
                 raise
-        try:
-            self.record()
-        except BaseException:
-            if writing and not self.writers:
-                self.locks.release_writer()
-            raise
+        if snapshot is None:
+            # The live disk is in use: its record reaches the share now, before anything can
+            # write it (a snapshot is only read: opening one writes nothing).
+            try:
+                self.record()
+            except BaseException:
+                if writing and not self.writers:
+                    self.locks.release_writer()
+                raise
         self.open_count += 1
         if writing:
             self.writers += 1
@@ -657,10 +558,8 @@ class Volume:
         wrote while we held them open are read afresh, never merged from stale tables.
         """
         self.refresh()
-        for image in self._images.values():
-            self._retire(image)
-        self._images.clear()
-        self._sidecar = None
+        self.images.drop_all()
+        self.sidecar_store.forget()
         self.rebuild_views()
 
     def _revalidate_active(self) -> None:
@@ -693,26 +592,13 @@ class Volume:
             if not self.open_snapshots[snapshot]:
                 del self.open_snapshots[snapshot]
         if not self.open_count:
-            for image in self._retired:
-                image.close()
-            self._retired.clear()
+            self.images.close_retired()
         self.sync_qemu_locks()
 
     def close(self) -> None:
         if self.needs_recovery and not self.share.read_only:
             self.finish_journal()
-        for image in list(self._images.values()) + self._retired:
-            if image.writable and not image.closed:
-                try:
-                    image.close_writes()
-                except (VfsnapError, OSError) as exc:
-                    # Written as far as the share allowed; the dirty mark (if any) stays, and
-                    # the next mount rebuilds the refcounts.
-                    log.error("%s: final flush of %s: %s", self.name, image.name, exc)
-            image.close()
-        self._images.clear()
-        self._retired.clear()
+        self.images.close()
         self._live_view = None
         self._snapshot_views.clear()
-        self.image_locks.close()
         self.locks.close()
