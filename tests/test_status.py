@@ -10,6 +10,7 @@ import time
 
 from tests.conftest import requires_fuse
 from tests.qemu import make_chain
+from tests.test_faults import mounts  # noqa: F401 - the fixture
 
 pytestmark = requires_fuse
 MiB = 1 << 20
@@ -51,13 +52,17 @@ def test_status_lists_volumes_sizes_depth_and_snapshots(share, vfsnap_mount):
     assert text.returncode == 0 and "vol" in text.stdout and "s1 s2" in text.stdout
 
 
-def test_status_shows_a_running_merge_and_sync_waits_for_it(share, vfsnap_mount):
-    make_chain(share, "vol", size=256 * MiB, depth=0)
-    mnt = vfsnap_mount()
+def test_status_shows_a_running_merge_and_sync_waits_for_it(mounts, tmp_path):  # noqa: F811
+    # A slow share (each fsync and fdatasync takes a second: tests/faults.py) keeps the merge
+    # running while `vfsnap status` looks; on a fast disk it could finish before the first look.
+    share = tmp_path / "share"
+    share.mkdir()
+    make_chain(share, "vol", size=64 * MiB, depth=0)
+    mnt = mounts.start(share, faults="slow:1", ops="fsync,fdatasync")
     os.mkdir(mnt.snapshot_dir("vol", "old"))
-    with open(mnt.volume("vol"), "r+b") as f:  # 192 MiB in the overlay of "old": a merge to watch
+    with open(mnt.volume("vol"), "r+b") as f:  # 32 MiB in the overlay of "old": a merge to watch
         chunk = os.urandom(MiB)
-        for _ in range(192):
+        for _ in range(32):
             f.write(chunk)
     os.mkdir(mnt.snapshot_dir("vol", "new"))
     os.rmdir(mnt.snapshot_dir("vol", "old"))
