@@ -281,11 +281,12 @@ def test_reading_volumes_and_snapshots_writes_nothing(share, tmp_path, vfsnap_mo
     assert json.loads((share / "met.vfsnap.json").read_text()).get("snapshots", {}).keys() == {"s1", "s2"}
 
 
-def test_a_listing_reads_no_header_and_stat_after_it_is_exact(share, vfsnap_mount):
-    """READDIRPLUS entries of volumes not in use carry their base file's figures, marked as
-    expiring at once: a `stat` right after the listing (no `ls -l` in between, so nothing else
-    fetched the attributes) shows the size the image header says, for a qcow2 base and for an
-    overlay grown past its raw base."""
+def test_stat_right_after_a_listing_is_exact(share, vfsnap_mount):
+    """READDIRPLUS entries of volumes not in use carry their base file's figures (marked as
+    expiring at once when the volume has a chain, whose header the listing does not read): a
+    `stat` right after the listing (no `ls -l` in between, so nothing else fetched the
+    attributes) shows the size the image header says, for a qcow2 base never met, an overlay
+    grown past its raw base, and a raw base that is the whole volume."""
     create(share / "qcow", 5 * MiB)  # a qcow2 file of ~200 KiB holding 5 MiB
     make_chain(share, "grown", size=2 * MiB, depth=1)
     qemu_img("resize", "-q", str(share / "grown.s1"), str(4 * MiB))

@@ -33,7 +33,7 @@ from vfsnap.format.create import round_size
 from vfsnap.format.header import MAGIC, read_header
 from vfsnap.format.tables import write_error
 from vfsnap.names import info_file, sidecar_file
-from vfsnap.share.first_meeting import first_record, guess_creation_time, probe_base
+from vfsnap.share.first_meeting import first_record, guess_creation_time
 from vfsnap.share.info import VolumeInfo, parse_info
 from vfsnap.share.locks import VolumeLocks
 from vfsnap.share.open_images import OpenImages
@@ -64,6 +64,33 @@ def listed_stat(base: os.stat_result, size: int | None = None) -> VolumeStat:
     `lstat` alone (`size`, when known, the size last seen), marked inexact (`Volume.stat`)."""
     return VolumeStat(base.st_mode, base.st_uid, base.st_gid, round_size(base.st_size) if size is None else size,
                       base.st_blocks * 512, base.st_mtime_ns, base.st_ctime_ns, base.st_atime_ns, exact=False)
+
+
+def image_size(share_dir, name: str, st: os.stat_result, image_format: str | None) -> int:
+    """The virtual size of image file `name` (its lstat `st`): a raw file's length in whole
+    sectors, or the size field of a qcow2 header. `image_format` None: as the file's first bytes
+    say (a base vfsnap has not met: what the first meeting will record), from the same read."""
+    if image_format == "raw":
+        return round_size(st.st_size)
+    fd = share_dir.open_regular(name, os.O_RDONLY)
+    try:
+        head = os.pread(fd, 32, 0)
+    finally:
+        os.close(fd)
+    if image_format is None and head[:4] != MAGIC:
+        return round_size(st.st_size)
+    if len(head) < 32 or head[:4] != MAGIC or int.from_bytes(head[4:8], "big") not in (2, 3):
+        raise CorruptImage(f"{name}: invalid qcow2 header")
+    size = int.from_bytes(head[24:32], "big")
+    if size > 1 << 62:
+        raise CorruptImage(f"{name}: invalid qcow2 header: virtual size {size} too large")
+    return size & ~511
+
+
+def plain_stat(base: os.stat_result, size: int) -> VolumeStat:
+    """What `stat` shows of a volume that is its base file alone (no `.info`): exact."""
+    return VolumeStat(base.st_mode, base.st_uid, base.st_gid, size, base.st_blocks * 512,
+                      base.st_mtime_ns, base.st_ctime_ns, base.st_atime_ns)
 
 
 # Less unsynced data than this is synced where it is (the request thread): it takes little
@@ -146,7 +173,8 @@ class Volume:
         With `exact=False` (the entries of a listing) a volume not in use answers from its base
         file alone, reading nothing: mode and owner are right, size (the last one seen, else the
         base file's), allocation and times may not be, and `exact` in the result says so. A
-        listing of 10,000 volumes then reads no image header (issue 13)."""
+        listing of 10,000 volumes with chains then reads no image header (issue 13; a volume
+        that is its base file alone is listed exactly: `Share.listed_stat`)."""
         base = self.base_stat()
         view = self._live_view
         if view is not None:
@@ -194,21 +222,8 @@ class Volume:
         else:
             recorded = self.sidecar_store.on_share_or_met()
             # Not met yet: what the first meeting will record (probed, not recorded now).
-            image_format = recorded.base_format if recorded is not None else probe_base(self)
-        if image_format == "raw":
-            size = round_size(st.st_size)
-        else:
-            fd = self.share.dir.open_regular(name, os.O_RDONLY)
-            try:
-                head = os.pread(fd, 32, 0)
-            finally:
-                os.close(fd)
-            if len(head) < 32 or head[:4] != MAGIC or int.from_bytes(head[4:8], "big") not in (2, 3):
-                raise CorruptImage(f"{name}: invalid qcow2 header")
-            size = int.from_bytes(head[24:32], "big")
-            if size > 1 << 62:
-                raise CorruptImage(f"{name}: invalid qcow2 header: virtual size {size} too large")
-            size &= ~511
+            image_format = recorded.base_format if recorded is not None else None
+        size = image_size(self.share.dir, name, st, image_format)
         self._peeked = (identity, size)
         return size
 
