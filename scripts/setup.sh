@@ -31,10 +31,12 @@ if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
+# setuptools (>= 80) notes every editable install with a boxed "Editable installation" warning
+# that asks nothing of the reader: kept off a newcomer's first screen (other warnings still show).
 if [ "$with_tests" = 1 ]; then
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+    PYTHONWARNINGS="ignore:Editable installation" .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
 else
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e .
+    PYTHONWARNINGS="ignore:Editable installation" .venv/bin/python -m pip install -q --disable-pip-version-check -e .
 fi
 
 # mount(8) runs helpers with a sanitized PATH: put the commands where it looks.
