@@ -28,7 +28,7 @@ from vfsnap.share.files import ShareDir
 from vfsnap.share.index import ShareIndex
 from vfsnap.share.records import Sidecar
 from vfsnap.share.mounts import coherence_warnings, mount_holding
-from vfsnap.share.volume import Volume, VolumeStat, image_size, listed_stat, plain_stat
+from vfsnap.share.volume import Volume, VolumeStat, base_file_stat, image_size
 
 log = logging.getLogger(__name__)
 
@@ -106,18 +106,18 @@ class Share:
         if volume is not None:
             return volume.stat(exact=False)
         base = self.dir.stat(name)
-        if base is None or not self.is_volume(name):
-            raise NotFound(f"no volume {name!r} on {self.path}")
         state = self.index.current()
+        if base is None or not is_volume_name(name) or name not in state:
+            raise NotFound(f"no volume {name!r} on {self.path}")
         if name not in state.with_info and name not in state.with_sidecar:
             # Never met and no chain: the base file is the whole volume, its size one read of
             # its head away; exact, so `ls -l` asks nothing more of it. A damaged head is found
             # by `stat` (the volume is still listed).
             try:
-                return plain_stat(base, image_size(self.dir, name, base, None))
+                return base_file_stat(base, image_size(self.dir, name, base, None), exact=True)
             except VfsnapError:
                 pass
-        return listed_stat(base)
+        return base_file_stat(base)
 
     def open_volumes(self) -> list[Volume]:
         return list(self._volumes.values())

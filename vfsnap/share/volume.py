@@ -59,11 +59,12 @@ class VolumeStat:
     exact: bool = True  # False: size and allocation are the base file's (see Volume.stat)
 
 
-def listed_stat(base: os.stat_result, size: int | None = None) -> VolumeStat:
-    """What a listing shows of a volume not in use: its base file's figures, read from its
-    `lstat` alone (`size`, when known, the size last seen), marked inexact (`Volume.stat`)."""
+def base_file_stat(base: os.stat_result, size: int | None = None, *, exact: bool = False) -> VolumeStat:
+    """A volume's figures from its base file's `lstat` alone: exact for a volume that is its base
+    file (no `.info`) with `size` read from its head; otherwise what a listing shows of a volume
+    not in use (`size`, when known, the size last seen), marked inexact (`Volume.stat`)."""
     return VolumeStat(base.st_mode, base.st_uid, base.st_gid, round_size(base.st_size) if size is None else size,
-                      base.st_blocks * 512, base.st_mtime_ns, base.st_ctime_ns, base.st_atime_ns, exact=False)
+                      base.st_blocks * 512, base.st_mtime_ns, base.st_ctime_ns, base.st_atime_ns, exact=exact)
 
 
 def image_size(share_dir, name: str, st: os.stat_result, image_format: str | None) -> int:
@@ -85,12 +86,6 @@ def image_size(share_dir, name: str, st: os.stat_result, image_format: str | Non
     if size > 1 << 62:
         raise CorruptImage(f"{name}: invalid qcow2 header: virtual size {size} too large")
     return size & ~511
-
-
-def plain_stat(base: os.stat_result, size: int) -> VolumeStat:
-    """What `stat` shows of a volume that is its base file alone (no `.info`): exact."""
-    return VolumeStat(base.st_mode, base.st_uid, base.st_gid, size, base.st_blocks * 512,
-                      base.st_mtime_ns, base.st_ctime_ns, base.st_atime_ns)
 
 
 # Less unsynced data than this is synced where it is (the request thread): it takes little
@@ -182,7 +177,7 @@ class Volume:
             return VolumeStat(base.st_mode, base.st_uid, base.st_gid, view.size, view.allocated_bytes(),
                               top.st_mtime_ns, top.st_ctime_ns, top.st_atime_ns)
         if not exact:
-            return listed_stat(base, self._peeked[1] if self._peeked is not None else None)
+            return base_file_stat(base, self._peeked[1] if self._peeked is not None else None)
         if self._info is not None:
             info = self.info()
         else:  # not read yet: what the index's scan read, if anything
