@@ -136,9 +136,9 @@ def _unmount_clients(name: str) -> None:
             _run("umount", "-l", target, timeout=30)
 
 
-def create_volume(root: Path) -> GlusterVolume:
+def create_volume(root: Path, name: str | None = None) -> GlusterVolume:
     started = time.monotonic()
-    name = f"{VOLUME_PREFIX}{os.getpid()}"
+    name = name or f"{VOLUME_PREFIX}{os.getpid()}"
     brick = root / "brick"
     errors = []
     for host in _brick_hosts():
@@ -201,3 +201,26 @@ def gluster_client(gluster_volume, tmp_path):
             entry.unlink()
     if _run("umount", str(path), timeout=30).returncode != 0:
         _run("umount", "-l", str(path), timeout=30)
+
+
+def remove_volume(name: str) -> None:
+    """Unmount the clients of a volume made by `create_volume`, stop and delete it."""
+    _unmount_clients(name)
+    gluster("volume", "stop", name, "force")
+    gluster("volume", "delete", name)
+
+
+def brick_pid(name: str) -> int:
+    """The PID of the brick process (glusterfsd) of a single-brick volume."""
+    status = gluster("volume", "status", name, "--xml")
+    match = re.search(r"<node>.*?<pid>(\d+)</pid>", status.stdout, re.S)  # bricks come first
+    if match is None or int(match.group(1)) <= 0:
+        raise AssertionError(f"no brick PID in `gluster volume status {name} --xml`:\n{status.stdout}")
+    return int(match.group(1))
+
+
+def mount_client(volume: GlusterVolume, path: Path) -> None:
+    path.mkdir(exist_ok=True)
+    result = _run("mount", "-t", "glusterfs", volume.spec, str(path), timeout=60)
+    if result.returncode != 0:
+        pytest.fail(f"mount -t glusterfs {volume.spec} failed: {result.stderr.strip()}")

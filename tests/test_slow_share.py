@@ -4,6 +4,9 @@ vfsnap serves every request on one thread. The long wait of an fsync, for the sh
 data written since the last one, runs on a worker thread (`Volume.flush_async`,
 `share.volume.sync_data`), so that requests for other volumes go on meanwhile. The share is made
 slow with the test-only fault hook (tests/faults.py, `VFSNAP_FAULTS=slow:SECONDS`: every fdatasync first sleeps).
+Reads and writes that wait for the share run on its worker threads too (vfsnap/share/io.py;
+`share_io=threads` treats the local test directory as the network share it stands for), so a
+slow read or write of one volume does not hold back requests for another.
 
 The in-process tests pin down the bookkeeping that makes this safe: a sync begun on another
 thread marks the data clean only if no write came in while it ran, so the ordered flush after it
@@ -84,6 +87,101 @@ def test_a_slow_fsync_of_one_volume_does_not_hold_back_another(mounts, tmp_path:
     finally:
         os.close(fd)
     assert (share / "a").read_bytes()[: 2 * MiB] == b"\xaa" * (2 * MiB)
+
+
+def _start_slow(vfsnap_mount, monkeypatch, share: Path, plan: str, ops: str):
+    monkeypatch.setenv("VFSNAP_FAULTS", plan)
+    monkeypatch.setenv("VFSNAP_FAULTS_OPS", ops)
+    try:
+        return vfsnap_mount("share_io=threads", share_path=share)
+    finally:
+        monkeypatch.delenv("VFSNAP_FAULTS")
+        monkeypatch.delenv("VFSNAP_FAULTS_OPS")
+
+
+def _raw_volume_known_to_vfsnap(share: Path, name: str, data: bytes) -> None:
+    """A raw volume whose format vfsnap has recorded: opening it reads nothing (no probe)."""
+    from vfsnap.names import sidecar_file
+    from vfsnap.share.info import Sidecar
+
+    (share / name).write_bytes(data)  # and its pages stay in the page cache
+    (share / sidecar_file(name)).write_bytes(Sidecar(base_format="raw").to_json())
+
+
+def _in_background(fn) -> tuple[threading.Thread, dict]:
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["result"] = fn()
+        except OSError as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def _pread_direct(fd: int, offset: int, length: int) -> bytes:
+    buf = mmap.mmap(-1, length)
+    got = os.preadv(fd, [buf], offset)
+    return bytes(buf[:got])
+
+
+SLOW_IO = 0.5  # seconds each pread or pwrite of the slow share takes
+
+
+@requires_fuse
+def test_a_slow_read_of_one_volume_does_not_hold_back_another(vfsnap_mount, share: Path, monkeypatch, tmp_path: Path):
+    # Volume a: a qcow2 chain whose tables and data must all be read from the slow share.
+    names = make_chain(share, "a", size=8 * MiB, depth=2, base_fmt="qcow2",
+                       writes=lambda level, path, fmt: qemu_io(path, f"write -P {0x41 + level} {level}M 2M", fmt=fmt))
+    expected_a = flat_bytes(share / names[-1], tmp_path)
+    expected_b = bytes(range(256)) * (4 * MiB // 256)
+    _raw_volume_known_to_vfsnap(share, "b", expected_b)
+    mnt = _start_slow(vfsnap_mount, monkeypatch, share, f"slow:{SLOW_IO}", "pread")
+
+    fd_a = os.open(mnt.volume("a"), os.O_RDONLY | os.O_DIRECT)  # reads headers: slow, but done now
+    try:
+        # Tables of three images and the data: several slow preads, one after the other.
+        reader, outcome = _in_background(lambda: _pread_direct(fd_a, 2 * MiB + 4096, 64 * 1024))
+        fd_b = os.open(mnt.volume("b"), os.O_RDONLY | os.O_DIRECT)
+        try:
+            assert _pread_direct(fd_b, MiB, MiB) == expected_b[MiB : 2 * MiB]
+        finally:
+            os.close(fd_b)
+        assert reader.is_alive(), "reading volume b waited for the slow read of volume a"
+        reader.join(SLOW_IO * 60)
+        assert outcome == {"result": expected_a[2 * MiB + 4096 : 2 * MiB + 4096 + 65536]}
+    finally:
+        os.close(fd_a)
+
+
+@requires_fuse
+def test_a_slow_write_of_one_volume_does_not_hold_back_another(vfsnap_mount, share: Path, monkeypatch, tmp_path: Path):
+    make_chain(share, "a", size=8 * MiB, depth=1, base_fmt="raw",
+               writes=lambda level, path, fmt: qemu_io(path, f"write -P {0x61 + level} 0 1M", fmt=fmt))
+    expected_b = bytes(range(256)) * (4 * MiB // 256)
+    _raw_volume_known_to_vfsnap(share, "b", expected_b)
+    mnt = _start_slow(vfsnap_mount, monkeypatch, share, f"slow:{SLOW_IO}", "pwrite")
+
+    payload = b"\xa7" * 12288
+    fd_a = os.open(mnt.volume("a"), os.O_RDWR)
+    try:
+        # Copy-on-write into the overlay: the header's dirty mark, then the data, each slow.
+        writer, outcome = _in_background(lambda: os.pwrite(fd_a, payload, 3 * MiB + 512))
+        fd_b = os.open(mnt.volume("b"), os.O_RDONLY | os.O_DIRECT)
+        try:
+            assert _pread_direct(fd_b, 0, MiB) == expected_b[:MiB]
+        finally:
+            os.close(fd_b)
+        assert writer.is_alive(), "reading volume b waited for the slow write of volume a"
+        writer.join(SLOW_IO * 60)
+        assert outcome == {"result": len(payload)}
+        os.fsync(fd_a)
+        assert os.pread(fd_a, len(payload), 3 * MiB + 512) == payload
+    finally:
+        os.close(fd_a)
 
 
 # -- the bookkeeping ----------------------------------------------------------------------------
@@ -207,3 +305,42 @@ async def test_little_unsynced_data_is_left_to_the_flush_on_the_request_thread(t
         assert calls == [True, False], "the flush synced again what the worker had stored"
     finally:
         image.close()
+
+
+@pytest.mark.parametrize("text, message", [("share_io=fast", "share_io must be auto, threads or inline"),
+                                           ("share_threads=0", "share_threads must be at least 1"),
+                                           ("share_threads=many", "bad value for mount option share_threads")])
+def test_bad_share_io_options_are_refused_with_a_clear_message(text, message):
+    from vfsnap.errors import InvalidName
+    from vfsnap.options import parse_options
+
+    with pytest.raises(InvalidName, match=message):
+        parse_options(text)
+    assert parse_options("share_io=threads,share_threads=4").share_threads == 4
+
+
+@requires_fuse
+def test_a_daemonized_mount_answers_lookups_from_its_own_threads(share: Path, tmp_path: Path):
+    """`vfsnap mount` without -f opens the shares, then forks: the share's lookup threads must be
+    the daemon's own, or every lookup waits for threads that do not exist and the share looks
+    hung (vfsnap/share/io.py)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    data = bytes(range(256)) * 4096
+    _raw_volume_known_to_vfsnap(share, "v", data)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run([sys.executable, "-m", "vfsnap", "mount", "-o", "share_io=threads", str(share), str(mnt)],
+                   cwd=ROOT, check=True, timeout=60)
+    try:
+        assert os.listdir(mnt / "volumes") == ["v"]
+        assert (mnt / "volumes" / "v").read_bytes() == data
+        status = subprocess.run([sys.executable, "-m", "vfsnap", "status", "--json", str(mnt)], cwd=ROOT,
+                                capture_output=True, text=True, check=True, timeout=60)
+        assert json.loads(status.stdout)["shares"] == [{"path": str(share), "answering": True}]
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False, timeout=60)

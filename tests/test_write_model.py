@@ -34,6 +34,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -343,6 +344,52 @@ class WriteModel(RuleBasedStateMachine):
         self.model[offset:offset + length] = payload
         self.unsynced.append((offset, offset + length))
 
+    @rule(data=st.data(), seed=st.integers(0, 2**32 - 1))
+    def concurrent_round(self, data, seed):
+        """Several threads write disjoint ranges at once (often pieces of one cluster, which
+        they all copy on write) while others read ranges nobody writes (issue 12)."""
+        size = self.size
+        if data.draw(st.booleans(), label="one_cluster"):
+            unit = max([image[2] for image in self.images if image[2]] or [4096])
+            base = data.draw(st.integers(0, max(0, (size - 1) // unit)), label="cluster") * unit
+            end = min(size, base + unit)
+            cuts = sorted(set(data.draw(st.lists(st.integers(base + 1, max(base + 1, end - 1)), min_size=1, max_size=5),
+                                        label="cuts")) - {base, end})
+            bounds = [base, *cuts, end]
+            ranges = [(a, b - a) for a, b in zip(bounds, bounds[1:]) if b > a]
+        else:
+            ranges = []
+            for _ in range(data.draw(st.integers(2, 6), label="writers")):
+                offset, length = self._draw_range(data)
+                if all(offset + length <= o or o + n <= offset for o, n in ranges):
+                    ranges.append((offset, length))
+        written = [(o, _payload(seed + i, n)) for i, (o, n) in enumerate(ranges)]
+        untouched = [(o, n) for o, n in ((data.draw(st.integers(0, size - 1), label="read_at"), 4096) for _ in range(3))
+                     if all(o + n <= w or w + len(p) <= o for w, p in written)]
+        errors: list[str] = []
+
+        def write(offset, payload):
+            got = os.pwrite(self.direct_fd, payload, offset)
+            if got != len(payload):
+                errors.append(f"pwrite({len(payload)} at {offset:#x}) wrote {got}")
+
+        def read(offset, length):
+            got = os.pread(self.direct_fd, length, offset)
+            want = bytes(self.model[offset:offset + length])
+            if got != want:
+                errors.append(f"concurrent read at {offset:#x}: {_describe_difference(got, want)}")
+
+        threads = [threading.Thread(target=write, args=w) for w in written]
+        threads += [threading.Thread(target=read, args=r) for r in untouched]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors
+        for offset, payload in written:
+            self.model[offset:offset + len(payload)] = payload
+            self.unsynced.append((offset, offset + len(payload)))
+
     @rule(before=st.integers(0, 5000), after=st.integers(1, 5000), seed=st.integers(0, 2**32 - 1))
     def write_across_end(self, before, after, seed):
         """Like a block device: a write that crosses the end is short, one at the end is ENOSPC."""
@@ -480,8 +527,10 @@ class PlainChainModel(WriteModel):
 
     # Mount options: the defaults; a background write-back every 50 ms; an L2-table cache and a
     # map cache that hold almost nothing (dirty tables must survive eviction).
+    # `share_io=threads`: the share's I/O on worker threads, as on a network share (issue 12).
     @initialize(spec=chain_specs(top_qcow2=False), mount_options=st.sampled_from(
-        ["", "metadata_flush_interval=0.05", "table_cache_size=8k,map_cache_chunks=1"]))
+        ["", "metadata_flush_interval=0.05", "table_cache_size=8k,map_cache_chunks=1", "share_io=threads",
+         "share_io=threads,metadata_flush_interval=0.05,table_cache_size=8k,map_cache_chunks=1"]))
     def setup(self, spec, mount_options):
         self._setup(spec, mount_options)
 
@@ -489,7 +538,7 @@ class PlainChainModel(WriteModel):
 class InternalSnapshotModel(WriteModel):
     variant = "internal_snapshot"
 
-    @initialize(spec=chain_specs(top_qcow2=True), mount_options=st.just(""))
+    @initialize(spec=chain_specs(top_qcow2=True), mount_options=st.sampled_from(["", "share_io=threads"]))
     def setup(self, spec, mount_options):
         self._setup(spec, mount_options)
 
@@ -497,7 +546,7 @@ class InternalSnapshotModel(WriteModel):
 class CompressedModel(WriteModel):
     variant = "compressed"
 
-    @initialize(spec=chain_specs(top_qcow2=True), mount_options=st.just(""))
+    @initialize(spec=chain_specs(top_qcow2=True), mount_options=st.sampled_from(["", "share_io=threads"]))
     def setup(self, spec, mount_options):
         self._setup(spec, mount_options)
 
@@ -519,3 +568,107 @@ TestWritesCopyOnWriteInternalSnapshot.settings = settings(max_examples=8 * SCALE
 
 TestWritesOverCompressedClusters = CompressedModel.TestCase
 TestWritesOverCompressedClusters.settings = settings(max_examples=8 * SCALE, stateful_step_count=20, **SETTINGS)
+
+
+# -- concurrent requests on two volumes (issue 12) -----------------------------------------
+
+
+@pytest.mark.parametrize("options", ["", "share_io=threads"])
+def test_concurrent_writers_and_readers_on_two_volumes_match_their_models(tmp_path: Path, options: str):
+    """Rounds of threads writing disjoint ranges (many inside one cluster, which they all copy
+    on write) and reading untouched ones, on two volumes at once, with a snapshot taken in the
+    middle of one round: after each round both live volumes equal their models; the snapshot
+    holds, for every range written during that round, its old or its new bytes (nothing
+    else); at the end QEMU reads the models and every image is clean."""
+    share = tmp_path / "share"
+    share.mkdir()
+    rng = random.Random(1212)
+    size = 4 * MiB
+    build_chain(share, [("va", "qcow2", 65536, size, "cluster_size=65536"),
+                        ("va.s1", "qcow2", 4096, size, "cluster_size=4096")], 7)
+    build_chain(share, [("vb", "raw", 0, size, None), ("vb.s1", "qcow2", 65536, size, "cluster_size=65536")], 8)
+    (share / "vol.info").unlink()  # build_chain's, for a volume named vol
+    models = {}
+    for name in ("va", "vb"):
+        write_info(share, name, f"{name}.s1", {"s1": f"{name}.s1"})
+        qemu_img("convert", "-O", "raw", str(share / f"{name}.s1"), str(tmp_path / f"{name}.raw"))
+        models[name] = bytearray((tmp_path / f"{name}.raw").read_bytes())
+    mnt = Mount(share, tmp_path / "mnt", options, log_path=tmp_path / "mnt.log")
+    mnt.start()
+    fds = {name: os.open(mnt.volume(name), os.O_RDWR | os.O_DIRECT) for name in models}
+    snapshot_round, snapshot_check = 3, None
+    try:
+        for round_no in range(8):
+            jobs, writes, errors = [], {name: [] for name in models}, []
+            for name, model in models.items():
+                cluster = rng.choice([4096, 65536]) if name == "va" else 65536
+                base = rng.randrange(size // cluster) * cluster
+                cuts = sorted({base, base + cluster, *(base + rng.randrange(1, cluster) for _ in range(3))})
+                ranges = list(zip(cuts, cuts[1:]))
+                for _ in range(3):  # and some anywhere else
+                    offset = rng.randrange(size - 70000)
+                    length = rng.randrange(1, 70000)
+                    if all(offset + length <= a or b <= offset for a, b in ranges):
+                        ranges.append((offset, offset + length))
+                for a, b in ranges:
+                    payload = _payload(rng.randrange(2**32), b - a)
+                    writes[name].append((a, payload))
+                    jobs.append(("write", name, a, payload))
+                for _ in range(3):
+                    offset = rng.randrange(size - 8192)
+                    if all(offset + 8192 <= a or b <= offset for a, b in ranges):
+                        jobs.append(("read", name, offset, 8192))
+            if round_no == snapshot_round:
+                jobs.append(("snapshot", "va", 0, None))
+                before = bytes(models["va"])
+
+            def run(job):
+                kind, name, offset, arg = job
+                try:
+                    if kind == "write":
+                        assert os.pwrite(fds[name], arg, offset) == len(arg)
+                    elif kind == "read":
+                        got = os.pread(fds[name], arg, offset)
+                        assert got == bytes(models[name][offset:offset + arg]), f"{name} read at {offset:#x}"
+                    else:
+                        os.mkdir(mnt.snapshot_dir(name, "during"))
+                except (OSError, AssertionError) as exc:
+                    errors.append(f"{kind} {name} at {offset:#x}: {exc!r}")
+
+            threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert not errors, errors
+            for name, items in writes.items():
+                for offset, payload in items:
+                    models[name][offset:offset + len(payload)] = payload
+            if round_no == snapshot_round:
+                snapshot_check = (before, bytes(models["va"]), writes["va"])
+            if round_no % 3 == 2:
+                for fd in fds.values():
+                    os.fsync(fd)
+            for name, model in models.items():
+                got = _pread_all(fds[name], size)
+                assert got == model, f"round {round_no}, {name}: {_describe_difference(got, model)}"
+        before, after, written = snapshot_check
+        snap = mnt.snapshot("va", "during").read_bytes()
+        expected = bytearray(before)
+        for offset, payload in written:  # either side of each write in flight is right
+            end = offset + len(payload)
+            if snap[offset:end] == after[offset:end]:
+                expected[offset:end] = after[offset:end]
+        assert snap == expected, f"snapshot taken during writes: {_describe_difference(snap, expected)}"
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+        code = mnt.stop()
+    assert code == 0 and not mnt.unexpected_errors(), mnt.log()[-3000:]
+    for image in ("va", "va.s1", "va.during", "vb.s1"):
+        report = check(share / image)
+        assert report["exit"] == 0, (image, report)
+    for name, model in models.items():
+        active = json.loads((share / f"{name}.info").read_text())["active"]
+        qemu_img("convert", "-O", "raw", str(share / active), str(tmp_path / f"{name}.out"))
+        assert (tmp_path / f"{name}.out").read_bytes() == model, f"QEMU reads {name} differently"

@@ -85,3 +85,10 @@ def share_error(exc: OSError, message: str) -> VfsnapError:
         return NoSpace(f"{message}: no space left on the share ({exc.strerror})")
     return VfsnapError(f"{message}: {exc.strerror or os.strerror(exc.errno or errno_codes.EIO)}",
                        errno=exc.errno or errno_codes.EIO)
+
+
+class ShareNotAnswering(VfsnapError):
+    """The share has a call outstanding for too long (a hung NAS, a stopped brick): what can be
+    answered from the last known state is; what cannot gets EAGAIN instead of stalling the mount."""
+
+    errno = errno_codes.EAGAIN

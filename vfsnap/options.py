@@ -51,6 +51,8 @@ class MountOptions:
     reserved_percentage: float = 0.0
     metadata_flush_interval: float = 5.0  # seconds between background write-backs of metadata
     clone_copy_rate: int = 0  # bytes/s a clone's background copy goes through (0: no limit)
+    share_io: str = "auto"  # auto, threads, inline: where share I/O runs (vfsnap/share/io.py)
+    share_threads: int = 16  # worker threads per share for requests in flight
     log_file: str | None = None
     log_level: str = "info"
     foreground: bool = False
@@ -92,6 +94,10 @@ def parse_options(text: str | None, **overrides) -> MountOptions:
         raise InvalidName("volume_format must be raw or qcow2")
     if values.get("share_type", "local") not in ("local", "nfs", "glusterfs"):
         raise InvalidName("share_type must be local, nfs or glusterfs")
+    if values.get("share_io", "auto") not in ("auto", "threads", "inline"):
+        raise InvalidName("share_io must be auto, threads or inline")
+    if values.get("share_threads", 1) < 1:
+        raise InvalidName("share_threads must be at least 1")
     if values.get("max_chain_depth", 1) < 1:
         raise InvalidName("max_chain_depth must be at least 1")
     if values.get("max_over_subscription_ratio", 1.0) <= 0:
@@ -116,6 +122,8 @@ _VALUED = {
     "reserved_percentage": ("reserved_percentage", float),
     "metadata_flush_interval": ("metadata_flush_interval", float),
     "clone_copy_rate": ("clone_copy_rate", _size),
+    "share_io": ("share_io", str),
+    "share_threads": ("share_threads", int),
     "log": ("log_file", str),
     "log_file": ("log_file", str),
     "log_level": ("log_level", str),

@@ -17,6 +17,7 @@ give back their oldest chunks to stay within it.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import weakref
@@ -25,6 +26,7 @@ from bisect import bisect_left, bisect_right
 from vfsnap.errors import CorruptImage, NoSpace, ReadOnly
 from vfsnap.format import BAD, COMPRESSED, DATA, UNALLOCATED, ZERO, CompressedCluster, Image, Qcow2Image, RawImage
 from vfsnap.format.image import pread_full
+from vfsnap.format.qcow2 import TableMissing, deferred_loads
 
 log = logging.getLogger(__name__)
 
@@ -178,10 +180,16 @@ class View:
     clock = 0  # counts uses of views, for the least recently used view (MapBudget)
 
     def __init__(self, images: list[Image], *, name: str, budget: MapBudget | None = None,
-                 split_top: bool = False, max_chunks: int = DEFAULT_MAX_CHUNKS, chunk_bits: int | None = None):
+                 split_top: bool = False, max_chunks: int = DEFAULT_MAX_CHUNKS, chunk_bits: int | None = None,
+                 io=None):
         if not images:
             raise ValueError("a view needs at least one image")
         self.name = name
+        # The share's I/O (vfsnap.share.io.ShareIO) for `read_async` and `write_async`.
+        self.io = io
+        # preadv(RWF_NOWAIT) answers from the page cache here; False once the filesystem said
+        # EOPNOTSUPP (FUSE filesystems such as GlusterFS's client do).
+        self.nowait = True
         self.budget = budget or UNBOUNDED
         self.max_chunks = max_chunks
         self.split_top = split_top
@@ -367,6 +375,109 @@ class View:
                 raise CorruptImage(str(host))
         return view
 
+    # -- reading without waiting on the loop (vfsnap/share/io.py) --------------------------
+
+    def read_cached(self, offset: int, length: int):
+        """`read(transient=True)` if it can be answered without waiting for the share: from the
+        resolved maps and the page cache (preadv with RWF_NOWAIT). None when it cannot: a
+        table not in memory, data not in the page cache, a compressed cluster."""
+        size = self._size
+        if offset >= size or length <= 0:
+            return b""
+        end = min(offset + length, size)
+        chunk = self._chunks.get(offset >> self._chunk_bits)
+        if chunk is not None and end <= chunk.end:
+            i = bisect_right(chunk.starts, offset) - 1
+            if end <= chunk.ends[i]:
+                # The whole read lies in one resolved extent (the common case).
+                fd = chunk.fds[i]
+                if fd >= 0:
+                    target = _shared_buffer(end - offset)
+                    if self.nowait and self._preadv_nowait(fd, target, chunk.hosts[i] + offset - chunk.starts[i]):
+                        return target
+                    return None
+                if fd == ZERO_FD:
+                    return bytes(end - offset)
+        try:
+            with deferred_loads():
+                extents = self.extents(offset, end)
+        except TableMissing:
+            return None
+        if len(extents) == 1 and extents[0][2] == ZERO_FD:
+            return bytes(end - offset)
+        if not self.nowait:
+            for extent in extents:
+                if extent[2] >= 0 or extent[2] == COMPRESSED_FD:
+                    return None
+        target = _shared_buffer(end - offset)
+        for start, stop, fd, host in extents:
+            piece = target[start - offset : stop - offset]
+            if fd >= 0:
+                if not self._preadv_nowait(fd, piece, host):
+                    return None
+            elif fd == ZERO_FD:
+                piece[:] = bytes(stop - start)
+            elif fd == COMPRESSED_FD:
+                return None
+            else:
+                raise CorruptImage(str(host))
+        return target
+
+    def _preadv_nowait(self, fd: int, target: memoryview, offset: int) -> bool:
+        done = 0
+        while done < len(target):
+            try:
+                got = os.preadv(fd, [target[done:]], offset + done, os.RWF_NOWAIT)
+            except BlockingIOError:
+                return False
+            except OSError as exc:
+                if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                    self.nowait = False
+                    return False
+                raise
+            if got <= 0:  # past the end of the file: zeros
+                target[done:] = bytes(len(target) - done)
+                return True
+            done += got
+        return True
+
+    async def resolve_async(self, offset: int, end: int) -> list[tuple[int, int, int, object]]:
+        """`extents`, reading the tables it needs on the share's threads."""
+        loaded: dict = {}
+        while True:
+            try:
+                with deferred_loads(loaded):
+                    return self.extents(offset, end)
+            except TableMissing as miss:
+                data = await self.io.run("table load", miss.load)
+                miss.insert(data, loaded)
+
+    async def read_async(self, offset: int, length: int):
+        """`read`, with every wait for the share on one of its threads."""
+        size = self._size
+        if offset >= size or length <= 0:
+            return b""
+        end = min(offset + length, size)
+        extents = await self.resolve_async(offset, end)
+        if len(extents) == 1 and extents[0][2] >= 0:
+            _, _, fd, host = extents[0]
+            return await self.io.run("read", pread_full, fd, end - offset, host)
+        buffer = memoryview(bytearray(end - offset))
+        for start, stop, fd, host in extents:
+            piece = buffer[start - offset : stop - offset]
+            if fd >= 0:
+                piece[:] = await self.io.run("read", pread_full, fd, stop - start, host)
+            elif fd == ZERO_FD:
+                pass  # a new buffer reads as zeros
+            elif fd == COMPRESSED_FD:
+                cluster: CompressedCluster = host
+                data = await self.io.run("read", cluster.image.read_compressed, cluster)
+                base = cluster.guest_cluster * len(data)
+                piece[:] = data[start - base : stop - base]
+            else:
+                raise CorruptImage(str(host))
+        return buffer
+
     # -- writing (live views only: the top image must be writable) ------------------------
 
     def write(self, offset: int, data) -> int:
@@ -394,7 +505,60 @@ class View:
                 observer(offset, length)
         return length
 
-    def _write_qcow2(self, top: Qcow2Image, offset: int, data: memoryview) -> None:
+    async def write_async(self, offset: int, data) -> int:
+        """`write`, with the share's system calls on one of its threads. The caller holds the
+        volume's write lock, which hands the top image's write state to that thread; this view's
+        chunks change only here on the loop, after the data is on the share (io.py rule 5)."""
+        size = self.size
+        if offset >= size:
+            raise NoSpace(f"{self.name}: write at {offset} is past the end of the disk ({size})")
+        length = min(len(data), size - offset)
+        if length < len(data):
+            data = memoryview(data)[:length]
+        if not self.top.writable:
+            raise ReadOnly(f"{self.name}: read-only view")
+        patches = await self.io.run("write", self._write_on_worker, offset, data)
+        for start, end, fd, host in patches:
+            self._patch(start, end, fd, host)
+        if self.observers:
+            for observer in self.observers:
+                observer(offset, length)
+        return length
+
+    def _write_on_worker(self, offset: int, data) -> list[tuple[int, int, int, int]]:
+        """The body of `write` for a worker thread: touches the top image, never the chunks;
+        returns the extents the loop patches in. Copy-on-write reads resolve the chain afresh."""
+        top = self.top
+        if isinstance(top, RawImage):
+            top.write(offset, data)
+            return []
+        host = top.in_place_offset(offset, len(data))
+        if host is not None:
+            top.write_in_place(host, data)
+            return []
+        patches: list[tuple[int, int, int, int]] = []
+        self._write_qcow2(top, offset, memoryview(data), patches)
+        return patches
+
+    def _read_resolved(self, offset: int, length: int) -> memoryview:
+        """Bytes of the view resolved from the images' tables, not from this view's chunks
+        (for a worker thread; short only at the end of the disk)."""
+        end = min(offset + length, self._size)
+        buffer = memoryview(bytearray(max(0, end - offset)))
+        if end > offset:
+            for start, stop, fd, host in resolve_extents(self.images, offset, end):
+                target = buffer[start - offset : stop - offset]
+                if fd >= 0:
+                    _preadv_full(fd, target, host)
+                elif fd == COMPRESSED_FD:
+                    data = host.image.read_compressed(host)
+                    base = host.guest_cluster * len(data)
+                    target[:] = data[start - base : stop - base]
+                elif fd != ZERO_FD:
+                    raise CorruptImage(str(host))
+        return buffer
+
+    def _write_qcow2(self, top: Qcow2Image, offset: int, data: memoryview, patches: list | None = None) -> None:
         cb = top.cluster_bits
         cs = top.cluster_size
         end = offset + len(data)
@@ -407,37 +571,46 @@ class View:
             host = top.in_place_offset(lo, hi - lo)
             if host is not None:
                 if run_start is not None:
-                    self._allocate_run(top, run_start, cluster, offset, data)
+                    self._allocate_run(top, run_start, cluster, offset, data, patches)
                     run_start = None
                 top.write_in_place(host, data[lo - offset : hi - offset])
             elif run_start is None:
                 run_start = cluster
             cluster += 1
         if run_start is not None:
-            self._allocate_run(top, run_start, last + 1, offset, data)
+            self._allocate_run(top, run_start, last + 1, offset, data, patches)
 
-    def _allocate_run(self, top: Qcow2Image, first: int, stop: int, offset: int, data: memoryview) -> None:
+    def _allocate_run(self, top: Qcow2Image, first: int, stop: int, offset: int, data: memoryview,
+                      patches: list | None = None) -> None:
         """Write clusters [first, stop) to new host clusters, completing partial ones from what
-        the view shows now (copy-on-write from the resolved chain, QCOW2-NOTES checklist 18)."""
+        the view shows now (copy-on-write from the resolved chain, QCOW2-NOTES checklist 18).
+        With `patches` (on a worker thread) the new extents are appended there, not patched."""
         cb = top.cluster_bits
         run_start, run_end = first << cb, stop << cb
         end = offset + len(data)
         if offset <= run_start and end >= run_end:
             # Whole clusters: nothing to copy from below, no buffer to assemble.
             host = top.write_clusters(first, data[run_start - offset : run_end - offset])
-            self._patch(run_start, run_end, top.fd, host)
+            if patches is not None:
+                patches.append((run_start, run_end, top.fd, host))
+            else:
+                self._patch(run_start, run_end, top.fd, host)
             return
+        read = self.read if patches is None else self._read_resolved
         buffer = bytearray(run_end - run_start)
         if offset > run_start:
-            head = self.read(run_start, offset - run_start)
+            head = read(run_start, offset - run_start)
             buffer[: len(head)] = head
         if end < run_end:
-            tail = self.read(end, run_end - end)
+            tail = read(end, run_end - end)
             buffer[end - run_start : end - run_start + len(tail)] = tail
         lo, hi = max(offset, run_start), min(end, run_end)
         buffer[lo - run_start : hi - run_start] = data[lo - offset : hi - offset]
         host = top.write_clusters(first, buffer)
-        self._patch(run_start, run_end, top.fd, host)
+        if patches is not None:
+            patches.append((run_start, run_end, top.fd, host))
+        else:
+            self._patch(run_start, run_end, top.fd, host)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make [offset, offset+length) read as zeros (discard, fallocate punch/zero range)."""

@@ -138,6 +138,12 @@ def _status(mountpoint: str, *, as_json: bool) -> int:
             f"{volume['name']:<24} {_human(volume['size']):>12} {_human(volume['allocated']):>12} "
             f"{volume['depth']:>5}  {' '.join(volume['snapshots']) or '-'}"
         )
+    hung = [share for share in document.get("shares", []) if not share.get("answering", True)]
+    if hung:
+        print()
+        for share in hung:
+            waiting = f" for {share['waiting_seconds']} s ({share.get('waiting_for', '')})" if "waiting_seconds" in share else ""
+            print(f"share {share['path']} is not answering{waiting}: its volumes are shown as last seen")
     operations = document.get("operations", [])
     if operations:
         print()

@@ -158,12 +158,16 @@ async def serve(operations: VfsnapOperations, options: MountOptions, mountpoint:
         background = getattr(operations, "background_tasks", None)
         if background is not None:
             nursery.start_soon(background)
-        await pyfuse3.main()
+        # Handlers that wait for a share let others run: up to MAX_TASKS requests in flight.
+        await pyfuse3.main(min_tasks=1, max_tasks=MAX_TASKS)
         nursery.cancel_scope.cancel()
     return stopped
 
 
 _READY = "ready"
+# FUSE requests served at once (pyfuse3 tasks on the one thread): enough for every share's
+# worker threads to be busy (share_threads, 16 by default) with some shares in one mount.
+MAX_TASKS = 128
 
 
 def _daemonize(mountpoint: str) -> int:

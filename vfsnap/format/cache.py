@@ -10,11 +10,17 @@ not written yet, and the resolved maps of every view
 (`vfsnap.chain.view.MapBudget`, which registers itself with `share_with`). When the budget is
 exceeded, the maps and the cached tables give way in turn: whichever holds more than half of the
 budget gives first, so that neither starves the other.
+
+Threads (vfsnap/share/io.py): the loop and the worker threads that hold a volume's write lock
+both use the cache, so every method holds a lock and the LRU and its byte counts stay
+consistent. Only the loop's thread gives back map chunks (views are the loop's alone); a worker
+that overfills the budget evicts tables only, and the loop's next use evens it out.
 """
 
 from __future__ import annotations
 
 import itertools
+import threading
 from collections import OrderedDict
 
 DEFAULT_CAPACITY = 32 * 1024 * 1024
@@ -29,6 +35,8 @@ class TableCache:
         self._held = 0  # dirty tables images hold until write-back
         self._maps = None  # the MapBudget sharing this budget, if any
         self._owner_ids = itertools.count(1)
+        # Reentrant: _shrink runs inside put/hold/pin.
+        self._lock = threading.RLock()
 
     def new_owner(self) -> int:
         """A key prefix for one image; never reused, so a closed image's tables can't be served."""
@@ -63,19 +71,23 @@ class TableCache:
                 f"{what}: its {nbytes}-byte L1 table does not fit in memory_budget={self.capacity} "
                 f"({self._pinned} bytes already held by other images; option table_cache_size is the same)"
             )
-        self._pinned += nbytes
-        self._shrink(keep=0)
+        with self._lock:
+            self._pinned += nbytes
+            self._shrink(keep=0)
 
     def unpin(self, nbytes: int) -> None:
-        self._pinned = max(0, self._pinned - nbytes)
+        with self._lock:
+            self._pinned = max(0, self._pinned - nbytes)
 
     def hold(self, nbytes: int) -> None:
         """Count dirty tables an image holds (they cannot be evicted, only written back)."""
-        self._held += nbytes
-        self._shrink(keep=0)
+        with self._lock:
+            self._held += nbytes
+            self._shrink(keep=0)
 
     def unhold(self, nbytes: int) -> None:
-        self._held = max(0, self._held - nbytes)
+        with self._lock:
+            self._held = max(0, self._held - nbytes)
 
     @property
     def dirty_over_limit(self) -> bool:
@@ -85,7 +97,7 @@ class TableCache:
     def _shrink(self, keep: int) -> None:
         """Evict until the budget holds: the maps give first while they hold more than half of
         it, then the least recently used tables (all but the `keep` newest)."""
-        maps = self._maps
+        maps = self._maps if threading.current_thread() is threading.main_thread() else None
         while self.total_bytes > self.capacity:
             if maps is not None and (self.maps_bytes > self.capacity // 2 or len(self._tables) <= keep):
                 if not maps.evict_one():
@@ -103,33 +115,38 @@ class TableCache:
 
     def evict_one(self) -> bool:
         """Give back the least recently used table (for the maps' side); False when none."""
-        if not self._tables:
-            return False
-        self._evict_table()
-        return True
+        with self._lock:
+            if not self._tables:
+                return False
+            self._evict_table()
+            return True
 
     def get(self, owner: int, offset: int):
-        key = (owner, offset)
-        item = self._tables.get(key)
-        if item is None:
-            return None
-        self._tables.move_to_end(key)
-        return item[0]
+        with self._lock:
+            key = (owner, offset)
+            item = self._tables.get(key)
+            if item is None:
+                return None
+            self._tables.move_to_end(key)
+            return item[0]
 
     def put(self, owner: int, offset: int, table: object, nbytes: int) -> None:
-        key = (owner, offset)
-        old = self._tables.pop(key, None)
-        if old is not None:
-            self._bytes -= old[1]
-        self._tables[key] = (table, nbytes)
-        self._bytes += nbytes
-        self._shrink(keep=1)
+        with self._lock:
+            key = (owner, offset)
+            old = self._tables.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1]
+            self._tables[key] = (table, nbytes)
+            self._bytes += nbytes
+            self._shrink(keep=1)
 
     def discard(self, owner: int, offset: int) -> None:
-        item = self._tables.pop((owner, offset), None)
-        if item is not None:
-            self._bytes -= item[1]
+        with self._lock:
+            item = self._tables.pop((owner, offset), None)
+            if item is not None:
+                self._bytes -= item[1]
 
     def discard_owner(self, owner: int) -> None:
-        for key in [k for k in self._tables if k[0] == owner]:
-            self._bytes -= self._tables.pop(key)[1]
+        with self._lock:
+            for key in [k for k in self._tables if k[0] == owner]:
+                self._bytes -= self._tables.pop(key)[1]

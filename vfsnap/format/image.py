@@ -79,6 +79,13 @@ class Image:
     def flush(self) -> None:
         """Make writes durable (images that are written override this)."""
 
+    def flush_keeping_frees(self) -> None:
+        """`flush`, leaving freed clusters counted until `apply_pending_frees` (qcow2)."""
+        self.flush()
+
+    def apply_pending_frees(self) -> None:
+        """Lower the counts of clusters freed before the last flush (qcow2)."""
+
     def begin_data_sync(self, min_bytes: int = 0) -> tuple[int, int] | None:
         """For an fdatasync of the data written so far on another thread: a duplicate of the
         descriptor (closing the image meanwhile cannot hit a reused number) and the write count

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from array import array
 
 from vfsnap.errors import CorruptImage
@@ -37,6 +38,49 @@ log = logging.getLogger(__name__)
 METADATA_ENTRY_BYTES = 8
 
 BAD = 4  # extent kind: `where` is the CorruptImage to raise when the range is read
+
+# Set on the FUSE loop's thread while it resolves a read (`deferred_loads`): an L2 table that is
+# not cached is not read there (the share may be slow or hang) but reported by TableMissing,
+# before anything is changed; the caller reads it on a worker thread and tries again.
+_loop_state = threading.local()
+
+
+class TableMissing(Exception):
+    """An L2 table a mapping needs is not in memory (only raised inside `deferred_loads`)."""
+
+    def __init__(self, image: "Qcow2Image", l2_offset: int, l1_index: int):
+        super().__init__(f"{image.name}: L2 table at {l2_offset:#x} not loaded")
+        self.image = image
+        self.l2_offset = l2_offset
+        self.l1_index = l1_index
+        self.epoch = image._table_epoch
+
+    def load(self) -> bytes:
+        """The table's bytes (for a worker thread)."""
+        return pread_full(self.image.fd, self.image.cluster_size, self.l2_offset)
+
+    def insert(self, data: bytes, loaded: dict) -> None:
+        """Keep what `load` read (on the loop) in `loaded`, for the retry of the same
+        resolution (a small table cache may have dropped it again by then)."""
+        loaded[(self.image, self.l2_offset)] = (self.epoch, table_from_bytes(data))
+
+
+class deferred_loads:
+    """`with deferred_loads(loaded):` L2 tables missing from memory raise TableMissing, unless
+    `loaded` holds them: read for this resolution by an earlier try, and still current (no
+    table of the image changed or was written back since: else the bytes may be older than
+    the table, and the table is found where the change left it)."""
+
+    def __init__(self, loaded: dict | None = None):
+        self.loaded = loaded if loaded is not None else {}
+
+    def __enter__(self):
+        _loop_state.defer = True
+        _loop_state.loaded = self.loaded
+
+    def __exit__(self, *exc_info):
+        _loop_state.defer = False
+        _loop_state.loaded = None
 
 
 
@@ -70,6 +114,8 @@ class Qcow2Image(Qcow2Writer, Image):
         self._dirty_l2: dict[int, array] = {}
         self._dirty_l1: set[int] = set()
         self._in_place: dict[int, int] = {}  # guest cluster -> host offset, writable in place
+        # Counts changes and write-backs of L2 tables (see TableMissing.insert).
+        self._table_epoch = 0
 
     # -- opening --------------------------------------------------------------------------
 
@@ -153,6 +199,7 @@ class Qcow2Image(Qcow2Writer, Image):
         self.l1 = self._load_l1()
         self._metadata_clusters = self._find_metadata_clusters()
         self._cache.discard_owner(self._cache_owner)
+        self._table_epoch += 1
         self._last_compressed = None
         if self._refcounts is not None:
             self._refcounts.release()
@@ -182,7 +229,13 @@ class Qcow2Image(Qcow2Writer, Image):
                 f"{self.name}: L1 entry {l1_index} names an L2 table at {l2_offset:#x}, "
                 f"which is unaligned, in the header or beyond the end of the file ({self.file_size:#x})"
             )
-        table = table_from_bytes(pread_full(self.fd, cs, l2_offset))
+        if getattr(_loop_state, "defer", False):
+            known = _loop_state.loaded.get((self, l2_offset))
+            if known is None or known[0] != self._table_epoch or self.closed:
+                raise TableMissing(self, l2_offset, l1_index)
+            table = known[1]
+        else:
+            table = table_from_bytes(pread_full(self.fd, cs, l2_offset))
         self._cache.put(self._cache_owner, l2_offset, table, cs)
         return table
 

@@ -191,7 +191,9 @@ class Qcow2Writer:
         for i in range(count):
             self._set_entry(first_cluster + i, (host + (i << cb)) | OFLAG_COPIED, ALL_SUBCLUSTERS_ALLOCATED)
         if len(self._dirty_l2) > MAX_DIRTY_L2_TABLES or self._cache.dirty_over_limit:
-            self.flush()  # bounds memory (the mount's budget) and what a crash loses
+            # bounds memory (the mount's budget) and what a crash loses; frees wait for reads in
+            # flight (vfsnap/share/io.py rule 5)
+            self.flush(apply_frees=False)
         return host
 
     def zero_clusters(self, first_cluster: int, count: int) -> None:
@@ -245,6 +247,7 @@ class Qcow2Writer:
             table = self._dirty_l2.get(l2_offset)
             if table is None:
                 table = self._l2_table(l1_index)
+                self._table_epoch += 1  # a copy read from the file earlier is now out of date
                 self._dirty_l2[l2_offset] = table
                 self._cache.hold(self.cluster_size)
             return table
@@ -256,6 +259,7 @@ class Qcow2Writer:
             refcounts.free(l2_offset >> self.cluster_bits)
         else:
             table = array("Q", bytes(self.cluster_size))
+        self._table_epoch += 1
         self._dirty_l2[new_offset] = table
         self._cache.hold(self.cluster_size)
         self._metadata_clusters.add(new_offset >> self.cluster_bits)
@@ -272,13 +276,18 @@ class Qcow2Writer:
             or (self._refcounts is not None and (self._refcounts.dirty or self._refcounts.has_pending_frees))
         )
 
-    def flush(self) -> None:
-        """Make every write so far durable, metadata in dependency order."""
+    def flush(self, apply_frees: bool = True) -> None:
+        """Make every write so far durable, metadata in dependency order.
+
+        With `apply_frees=False` the counts of clusters whose last reference went away stay as
+        they are (`apply_pending_frees` lowers them later, once no read in flight can still
+        be reading such a cluster: vfsnap/share/io.py rule 5)."""
         refcounts = self._refcounts
         need_sync = self._data_dirty
         if refcounts is not None and refcounts.write_increments():
             need_sync = True
         if self._dirty_l2 or self._dirty_l1:
+            self._table_epoch += 1
             if need_sync:
                 sync(self.fd, self.name)  # data and counts before the entries that use them
             cs = self.cluster_size
@@ -297,6 +306,15 @@ class Qcow2Writer:
             sync(self.fd, self.name)
         self._data_dirty = False
         self._synced_generation = self._data_generation
+        if apply_frees:
+            self.apply_pending_frees()
+
+    def flush_keeping_frees(self) -> None:
+        self.flush(apply_frees=False)
+
+    def apply_pending_frees(self) -> None:
+        """Lower the counts of clusters no entry references any more (after a flush)."""
+        refcounts = self._refcounts
         if refcounts is not None and refcounts.has_pending_frees:
             refcounts.apply_frees()
             self._data_dirty = True  # the lowered counts are synced with the next flush

@@ -35,13 +35,14 @@ def _volume_attributes(pool, node: ImageNode) -> dict[str, str]:
         attrs["created"] = datetime.datetime.fromtimestamp(created, datetime.timezone.utc).isoformat()
         attrs["overlay"] = volume.info().snapshots[node.snapshot]
     attrs["chain"] = " <- ".join(image.name for image in view.images)
-    attrs["allocated"] = str(view.allocated_bytes())
+    attrs["allocated"] = str(volume.allocated_bytes(view))
     attrs["size"] = str(view.size)
     return attrs
 
 
 def status(pool) -> dict:
-    """What `vfsnap status` prints: every volume, its chain and snapshots, running operations."""
+    """What `vfsnap status` prints: every volume, its chain and snapshots, running operations,
+    and each share and whether it answers (a share that does not is shown as last seen)."""
     volumes = []
     for name in pool.volume_names():
         entry: dict = {"name": name}
@@ -64,7 +65,7 @@ def status(pool) -> dict:
         volumes.append(entry)
     operations = pool.operations()
     return {"version": __version__, "volumes": volumes, "operations": operations, "memory": pool.memory(),
-            "recovering": pool.recovering}
+            "recovering": pool.recovering, "shares": pool.share_states()}
 
 
 def attribute_names(pool, node: Node) -> list[str]:

@@ -198,7 +198,7 @@ class VfsnapOperations(pyfuse3.Operations):
             attr.st_nlink = 1
             attr.st_uid, attr.st_gid = base.st_uid, base.st_gid
             attr.st_size = view.size
-            attr.st_blocks = (view.allocated_bytes() + 511) // 512
+            attr.st_blocks = (volume.allocated_bytes(view) + 511) // 512
             created_ns = int(volume.snapshot_created(node.snapshot) * 1e9)
             attr.st_mtime_ns = attr.st_ctime_ns = attr.st_atime_ns = created_ns
         else:  # pragma: no cover
@@ -342,6 +342,7 @@ class VfsnapOperations(pyfuse3.Operations):
                 attr = pyfuse3.EntryAttributes()
                 attr.st_ino = ino
                 attr.st_mode = stat.S_IFREG | 0o000
+                attr.attr_timeout = attr.entry_timeout = 0  # a stat asks again (a hung share may be back)
             if not pyfuse3.readdir_reply(token, os.fsencode(name), attr, ino + 3):
                 return
             self.inodes.looked_up(ino)
@@ -383,10 +384,17 @@ class VfsnapOperations(pyfuse3.Operations):
         # the page cache, so that shared mmap works. Snapshot files always keep it.
         direct = bool(flags & os.O_DIRECT)
         sync = direct and bool(writing) and bool(flags & (os.O_DSYNC | os.O_SYNC))
-        return self._open_handle(Handle(view, volume, node, bool(writing), sync), keep_cache, direct_io=direct)
+        return await self._open_handle(Handle(view, volume, node, bool(writing), sync), keep_cache, direct_io=direct)
 
-    def _open_handle(self, handle: Handle, keep_cache: bool, direct_io: bool = False) -> pyfuse3.FileInfo:
-        handle.volume.opened(handle.snapshot, writing=handle.writable)
+    async def _open_handle(self, handle: Handle, keep_cache: bool, direct_io: bool = False) -> pyfuse3.FileInfo:
+        volume = handle.volume
+        if not volume.writers:
+            # The first writer, or a reader with nobody writing here, re-reads `.info` and may
+            # give the active image a new descriptor: not under a request in flight.
+            async with volume.gate.quiesced():
+                volume.opened(handle.snapshot, writing=handle.writable)
+        else:
+            volume.opened(handle.snapshot, writing=handle.writable)
         return pyfuse3.FileInfo(fh=self._new_handle(handle), keep_cache=keep_cache, direct_io=direct_io)
 
     def _new_handle(self, handle: Handle) -> int:
@@ -396,9 +404,20 @@ class VfsnapOperations(pyfuse3.Operations):
         return fh
 
     async def read(self, fh, off, size):
-        # Hot path: no decorator frame; the same error boundary inline.
+        # Hot path: no decorator frame; the same error boundary inline. What the maps and the
+        # page cache answer is answered here; the rest waits on the share's threads, and
+        # other requests go on meanwhile (vfsnap/share/io.py).
         try:
-            return self._handles[fh].view.read(off, size, transient=True)
+            handle = self._handles[fh]
+            data = handle.view.read_cached(off, size)
+            if data is not None:
+                return data
+            gate = handle.volume.gate
+            seq = await gate.enter(read=True)
+            try:
+                return await handle.view.read_async(off, size)
+            finally:
+                gate.leave(seq)
         except Exception as exc:  # noqa: BLE001 - error boundary
             handle = self._handles.get(fh)
             if handle is not None and handle.volume is not None and is_stale(exc):
@@ -415,9 +434,21 @@ class VfsnapOperations(pyfuse3.Operations):
             handle = self._handles[fh]
             if not handle.writable:
                 raise pyfuse3.FUSEError(errno.EBADF)
-            written = handle.view.write(off, buf)
+            volume = handle.volume
+            if volume.share.io.threaded:
+                # One write of the volume at a time, its system calls on a worker thread
+                # (the write lock: vfsnap/share/io.py rules 4 and 5).
+                gate = volume.gate
+                seq = await gate.enter(read=False)
+                try:
+                    async with gate.write_lock:
+                        written = await handle.view.write_async(off, buf)
+                finally:
+                    gate.leave(seq)
+            else:
+                written = handle.view.write(off, buf)  # a local disk: into the page cache
             if handle.sync:
-                handle.volume.flush()
+                await volume.flush_async()
             return written
         except Exception as exc:  # noqa: BLE001 - error boundary
             handle = self._handles.get(fh)
@@ -430,7 +461,7 @@ class VfsnapOperations(pyfuse3.Operations):
             return
         try:
             if handle.writable and handle.volume.writers == 1:
-                handle.volume.close_writes()  # last writer gone: nothing stays only in memory
+                await handle.volume.close_writes_async()  # last writer gone: nothing stays only in memory
         except Exception as exc:  # noqa: BLE001 - error boundary
             if isinstance(exc, VfsnapError):
                 log.error("release of %s: %s", handle.node.volume, exc)
@@ -537,7 +568,7 @@ class VfsnapOperations(pyfuse3.Operations):
         ino = self.inodes.ino(child)
         attr = self._entry(ino, child)
         self.inodes.looked_up(ino)
-        info = self._open_handle(Handle(volume.live_view(), volume, child, True), keep_cache=False)
+        info = await self._open_handle(Handle(volume.live_view(), volume, child, True), keep_cache=False)
         return info, attr
 
     @handler
@@ -593,7 +624,9 @@ class VfsnapOperations(pyfuse3.Operations):
             if fields.update_size:
                 if self.pool.read_only:
                     raise pyfuse3.FUSEError(errno.EROFS)
-                self.pool.volume(node.volume).resize(attr.st_size)
+                volume = self.pool.volume(node.volume)
+                async with volume.gate.quiesced():
+                    volume.resize(attr.st_size)
             if fields.update_mode or fields.update_uid or fields.update_gid:
                 raise pyfuse3.FUSEError(errno.EPERM)
             # Timestamps (touch) are accepted and ignored: the share's files keep theirs.
@@ -687,15 +720,24 @@ class VfsnapOperations(pyfuse3.Operations):
             await trio.sleep(0)  # requests first
 
     async def _flush_dirty_volumes(self) -> None:
-        """The periodic write-back, one volume after the other; a failing one does not stop
-        the others (its writer sees the error at its next fsync)."""
+        """The periodic write-back, each volume in a task of its own: one on a share that does
+        not answer waits alone, and is not started again while it waits. A failing one does not
+        stop the others (its writer sees the error at its next fsync)."""
         for volume in self.pool.dirty_volumes():
-            try:
-                await volume.flush_async()
-            except VfsnapError as exc:
-                log.error("%s: background write-back failed: %s", volume.name, exc)
-            except Exception:  # noqa: BLE001 - keep flushing the other volumes
-                log.exception("%s: background write-back", volume.name)
+            if not volume.flushing and self._nursery is not None:
+                volume.flushing = True
+                self._nursery.start_soon(self._flush_volume, volume)
+
+    @staticmethod
+    async def _flush_volume(volume) -> None:
+        try:
+            await volume.flush_async()
+        except VfsnapError as exc:
+            log.error("%s: background write-back failed: %s", volume.name, exc)
+        except Exception:  # noqa: BLE001 - keep flushing the other volumes
+            log.exception("%s: background write-back", volume.name)
+        finally:
+            volume.flushing = False
 
     def destroy(self) -> None:
         """Write back and close every volume (after `pyfuse3.main` returned)."""

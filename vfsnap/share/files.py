@@ -16,7 +16,7 @@ import os
 import secrets
 import stat
 
-from vfsnap.errors import CorruptImage, NotFound, VfsnapError, share_error
+from vfsnap.errors import CorruptImage, NotFound, ShareNotAnswering, VfsnapError, share_error
 from vfsnap.names import TEMP_PREFIX
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,14 @@ def retry_stale(operation):
 
 
 class ShareDir:
-    """A directory on the share, opened once; all names are relative to it."""
+    """A directory on the share, opened once; all names are relative to it.
+
+    With `io` set (a `ShareIO`, on network shares), the lookups a request makes from the FUSE
+    loop (stat, listdir, reading a small document, statvfs, fstat, open) wait at most a moment
+    for the share; when it does not answer they give the last answer they had for the same
+    question (DESIGN.md section 4: "listing, df and status answer from its last known state"),
+    or raise ShareNotAnswering (EAGAIN).
+    """
 
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
@@ -64,6 +71,22 @@ class ShareDir:
             self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
         except FileNotFoundError:
             raise NotFound(f"share directory {self.path} does not exist") from None
+        self.io = None
+        self._last: dict[tuple, object] = {}  # (question, name) -> last answer, when io is set
+
+    def _answer(self, question: str, name, fn, *args):
+        """`fn(*args)` through the share's I/O guard, remembering the answer for a hung share."""
+        if self.io is None:
+            return fn(*args)
+        key = (question, name)
+        try:
+            result = self.io.answer(f"{question} {name or ''}".strip(), fn, *args)
+        except ShareNotAnswering:
+            if key in self._last:
+                return self._last[key]
+            raise
+        self._last[key] = result
+        return result
 
     def close(self) -> None:
         os.close(self.fd)
@@ -88,14 +111,24 @@ class ShareDir:
             log.warning("%s: listing the share directory: %s", self.path, exc.strerror)
             return None
 
-    @retry_stale
     def listdir(self) -> list[str]:
-        return os.listdir(self.fd)
+        return self._answer("listdir", None, self._listdir)
 
     @retry_stale
+    def _listdir(self) -> list[str]:
+        return os.listdir(self.fd)
+
     def stat(self, name: str) -> os.stat_result | None:
         """lstat of `name`, or None when it does not exist."""
         _check_plain(name)
+        return self._answer("stat", name, self._lstat, name)
+
+    def fstat(self, fd: int, name: str) -> os.stat_result:
+        """fstat of an open file of the share named `name` (the last one when it hangs)."""
+        return self._answer("fstat", name, os.fstat, fd)
+
+    @retry_stale
+    def _lstat(self, name: str) -> os.stat_result | None:
         try:
             return os.stat(name, dir_fd=self.fd, follow_symlinks=False)
         except FileNotFoundError:
@@ -104,10 +137,15 @@ class ShareDir:
     def exists(self, name: str) -> bool:
         return self.stat(name) is not None
 
-    @retry_stale
     def open_regular(self, name: str, flags: int, mode: int = 0o644) -> int:
         """Open a regular file of the share; symlinks and other file types are refused."""
         _check_plain(name)
+        if self.io is not None:
+            return self.io.answer(f"open {name}", self._open_regular, name, flags, mode)
+        return self._open_regular(name, flags, mode)
+
+    @retry_stale
+    def _open_regular(self, name: str, flags: int, mode: int = 0o644) -> int:
         try:
             # O_NONBLOCK: opening a FIFO planted on the share must not wait for a writer.
             fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode, dir_fd=self.fd)
@@ -134,15 +172,18 @@ class ShareDir:
         os.set_blocking(fd, True)
         return fd
 
-    @retry_stale
     def read_small(self, name: str, limit: int = 1 << 20) -> bytes | None:
         """Contents of a small document (at most `limit` bytes), or None when absent.
 
         On a network share, "absent" is checked by a listing first: a name the kernel still
         maps to a file another host has just replaced (renamed over) can answer ENOENT, and a
         `.info` read as absent under the chain lock would lose every snapshot."""
+        return self._answer("read", name, self._read_small, name, limit)
+
+    @retry_stale
+    def _read_small(self, name: str, limit: int) -> bytes | None:
         try:
-            fd = self.open_regular(name, os.O_RDONLY | (os.O_DIRECT if self.uncached_reads else 0))
+            fd = self._open_regular(name, os.O_RDONLY | (os.O_DIRECT if self.uncached_reads else 0))
         except NotFound:
             if not self.uncached_reads:
                 return None
@@ -154,7 +195,7 @@ class ShareDir:
                 raise
             # A filesystem that refuses O_DIRECT: nothing to bypass there.
             self.uncached_reads = False
-            return self.read_small(name, limit)
+            return self._read_small(name, limit)
         try:
             data = _read_direct(fd, limit + 1) if self.uncached_reads else os.read(fd, limit + 1)
         except OSError as exc:
@@ -180,7 +221,7 @@ class ShareDir:
             if listing is not None and name not in listing:
                 return None
             try:
-                return self.open_regular(name, os.O_RDONLY | os.O_DIRECT)
+                return self._open_regular(name, os.O_RDONLY | os.O_DIRECT)
             except NotFound:
                 continue
         raise OSError(errno.ESTALE, f"{name}: listed, but not found when opened {attempts} times")
@@ -231,7 +272,7 @@ class ShareDir:
         os.fsync(self.fd)
 
     def statvfs(self) -> os.statvfs_result:
-        return os.fstatvfs(self.fd)
+        return self._answer("statvfs", None, os.fstatvfs, self.fd)
 
     def remove_stale_temp_files(self) -> list[str]:
         """Delete temporary files left by an interrupted atomic write."""

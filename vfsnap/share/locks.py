@@ -110,13 +110,22 @@ class ChainChange:
     has the volume open for writing.
     """
 
-    def __init__(self, volume, *, wait: float = CHAIN_WAIT_SECONDS):
+    def __init__(self, volume, *, wait: float = CHAIN_WAIT_SECONDS, quiesce: bool = True):
         self.volume = volume
         self.wait = wait
+        # Hold the volume's requests back for the whole change (vfsnap/share/io.py rule 6);
+        # a merge, which lets requests go on while it copies, quiesces only for its commit.
+        self.quiesce = volume.gate.quiesced() if quiesce else None
 
     async def __aenter__(self):
         volume = self.volume
         await volume.chain_lock.acquire()
+        try:
+            if self.quiesce is not None:
+                await self.quiesce.__aenter__()
+        except BaseException:
+            volume.chain_lock.release()
+            raise
         try:
             if volume.share.read_only:
                 return self
@@ -147,6 +156,8 @@ class ChainChange:
                 locks.unlock(CHAIN)
                 raise
         except BaseException:
+            if self.quiesce is not None:
+                await self.quiesce.__aexit__(None, None, None)
             volume.chain_lock.release()
             raise
         return self
@@ -162,4 +173,8 @@ class ChainChange:
                     volume.locks.unlock(WRITER)  # ours, or a writer's who left meanwhile
                 volume.locks.unlock(CHAIN)
         finally:
-            volume.chain_lock.release()
+            try:
+                if self.quiesce is not None:
+                    await self.quiesce.__aexit__(None, None, None)
+            finally:
+                volume.chain_lock.release()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 from vfsnap.chain.view import MapBudget
-from vfsnap.errors import NotFound
+from vfsnap.errors import NotFound, ShareNotAnswering
 from vfsnap.format import TableCache
 from vfsnap.options import MountOptions
 from vfsnap.share.share import Capacity, Share
@@ -25,6 +25,9 @@ class Pool:
         self.shares = shares
         self.options = options
         self._warned_duplicates: set[str] = set()
+        # Each share's last answers, given while it does not answer (DESIGN.md section 4).
+        self._last_names: dict[str, list[str]] = {}
+        self._last_capacity: dict[str, Capacity] = {}
 
     @classmethod
     def open(cls, paths: list[str], options: MountOptions, *, recover: bool = True) -> "Pool":
@@ -45,10 +48,21 @@ class Pool:
     def read_only(self) -> bool:
         return self.options.read_only
 
+    def share_volume_names(self, share: Share) -> list[str]:
+        """The volumes of one share; its last listing while it does not answer (waiting at
+        most a moment: see vfsnap/share/io.py)."""
+        try:
+            names = share.volume_names()
+        except ShareNotAnswering:
+            names = self._last_names.get(share.path, [])
+            log.debug("%s: not answering; listing its volumes as last seen", share.path)
+        self._last_names[share.path] = names
+        return names
+
     def volume_names(self) -> list[str]:
         seen: dict[str, Share] = {}
         for share in self.shares:
-            for name in share.volume_names():
+            for name in self.share_volume_names(share):
                 if name in seen:
                     self._warn_duplicate(name, seen[name], share)
                     continue
@@ -69,11 +83,16 @@ class Pool:
 
     def _on_first_share(self, name: str, call):
         """`call(share, name)` on the first share that has volume `name` (the one listed)."""
+        hung = None
         for share in self.shares:
             try:
                 return call(share, name)
             except NotFound:
                 continue
+            except ShareNotAnswering as exc:  # the volume may live there: say so if no other has it
+                hung = exc
+        if hung is not None:
+            raise hung
         raise NotFound(f"no volume {name!r}")
 
     def create_volume(self, name: str, size: int = 0, *, mode: int = 0o644, owner: tuple[int, int] | None = None) -> Volume:
@@ -173,7 +192,18 @@ class Pool:
         return cache.usage() | {"maps": maps.used_bytes}
 
     def capacity(self) -> Capacity:
-        parts = [share.capacity() for share in self.shares]
+        parts = []
+        for share in self.shares:
+            try:
+                part = share.capacity()
+            except ShareNotAnswering:
+                part = self._last_capacity.get(share.path)
+                if part is None:
+                    continue
+            self._last_capacity[share.path] = part
+            parts.append(part)
+        if not parts:
+            raise ShareNotAnswering("no share answers")
         block = min(p.block_size for p in parts) or 4096
         return Capacity(
             total=sum(p.total for p in parts),
@@ -181,6 +211,18 @@ class Pool:
             available=sum(p.available for p in parts),
             block_size=block,
         )
+
+    def share_states(self) -> list[dict]:
+        """Each share and whether it answers, for `vfsnap status`."""
+        states = []
+        for share in self.shares:
+            state: dict = {"path": share.path, "answering": not share.io.not_answering}
+            oldest = share.io.oldest_call()
+            if oldest is not None and not state["answering"]:
+                state["waiting_seconds"] = round(oldest[0], 1)
+                state["waiting_for"] = oldest[1]
+            states.append(state)
+        return states
 
     def close(self) -> None:
         for share in self.shares:

@@ -12,7 +12,7 @@ import os
 
 import attrs
 
-from vfsnap.errors import AlreadyExists, Busy, NotFound, ReadOnly, VfsnapError, share_error
+from vfsnap.errors import AlreadyExists, Busy, NotFound, ReadOnly, ShareNotAnswering, VfsnapError, share_error
 from vfsnap.chain.view import MapBudget
 from vfsnap.format import TableCache
 from vfsnap.format.create import create_qcow2, round_size
@@ -25,7 +25,8 @@ from vfsnap.names import (
 )
 from vfsnap.options import MountOptions
 from vfsnap.share.files import ShareDir
-from vfsnap.share.index import ShareIndex
+from vfsnap.share.index import ShareIndex, ShareState
+from vfsnap.share.io import ShareIO
 from vfsnap.share.records import Sidecar
 from vfsnap.share.mounts import coherence_warnings, mount_holding
 from vfsnap.share.volume import Volume, VolumeStat, base_file_stat, image_size
@@ -64,6 +65,11 @@ class Share:
         if self.network:
             for warning in coherence_warnings(self.path):
                 log.warning("%s", warning)
+        # Requests in flight to this share, and whether it answers (vfsnap/share/io.py).
+        threaded = options.share_io == "threads" or (options.share_io == "auto" and self.network)
+        self.io = ShareIO(self.path, threads=options.share_threads, threaded=threaded)
+        if threaded:
+            self.dir.io = self.io
 
     @property
     def read_only(self) -> bool:
@@ -76,15 +82,28 @@ class Share:
             except Exception:  # noqa: BLE001 - close the others all the same
                 log.exception("%s: closing", volume.name)
         self._volumes.clear()
+        self.io.close()
         self.dir.close()
 
     # -- which files are volumes (vfsnap.share.index) ------------------------------------
 
+    def state(self) -> ShareState:
+        """The share's index (`ShareIndex.current`); while the share does not answer, the last
+        one it gave (DESIGN.md section 4: listings answer from the last known state)."""
+        if self.dir.io is None:
+            return self.index.current()
+        try:
+            return self.dir.io.answer("listing", self.index.current)
+        except ShareNotAnswering:
+            if self.index.state is None:
+                raise
+            return self.index.state
+
     def volume_names(self) -> list[str]:
-        return list(self.index.current().volumes)
+        return list(self.state().volumes)
 
     def is_volume(self, name: str) -> bool:
-        return is_volume_name(name) and name in self.index.current()
+        return is_volume_name(name) and name in self.state()
 
     def volume(self, name: str) -> Volume:
         """The volume `name`, or NotFound."""
@@ -106,7 +125,7 @@ class Share:
         if volume is not None:
             return volume.stat(exact=False)
         base = self.dir.stat(name)
-        state = self.index.current()
+        state = self.state()
         if base is None or not is_volume_name(name) or name not in state:
             raise NotFound(f"no volume {name!r} on {self.path}")
         if name not in state.with_info and name not in state.with_sidecar:

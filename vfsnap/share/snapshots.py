@@ -148,7 +148,7 @@ async def run_pending(volume, *, retry_seconds: float = 5.0) -> None:
             if not _pending(volume):
                 return
             try:
-                async with ChainChange(volume):
+                async with ChainChange(volume, quiesce=False):  # requests go on while it copies
                     entries = _pending(volume)  # again, under the lock: another host may have run it
                     if not entries:
                         return
@@ -231,6 +231,7 @@ async def _delete(volume, entry: DeleteEntry) -> None:
     volume.running_merge = {"snapshot": snapshot, "merge": merge}
     if child_name is None:
         live.observers.append(merge.note_write)
+    quiet = None
     try:
         merge.grow_target()
         rounds = 0
@@ -243,7 +244,10 @@ async def _delete(volume, entry: DeleteEntry) -> None:
         # What was copied is stored on a worker thread, FUSE requests going on (the kernel has
         # been writing it back all along; waiting for it in between would only stop the copy).
         await sync_data(target_view.top)
-        # The rest without yielding: writers wait for this last, short part.
+        # The rest with the volume's requests held back (those in flight, on worker threads,
+        # finish first: vfsnap/share/io.py rule 6): writers wait for this last, short part.
+        quiet = volume.gate.quiesced()
+        await quiet.__aenter__()
         if child_name is None:
             merge.grow_target()
         merge.finish()
@@ -257,8 +261,12 @@ async def _delete(volume, entry: DeleteEntry) -> None:
     finally:
         if child_name is None and merge.note_write in live.observers:
             live.observers.remove(merge.note_write)
-        target_view.top.close_writes()
-        volume.running_merge = None
+        try:
+            target_view.top.close_writes()
+        finally:
+            volume.running_merge = None
+            if quiet is not None:
+                await quiet.__aexit__(None, None, None)
     volume.rebuild_views()
     _finish_delete(volume, entry)
 

@@ -27,7 +27,7 @@ import trio
 
 from vfsnap.chain.backing import ChainRules, backing_chain
 from vfsnap.chain.view import View
-from vfsnap.errors import Busy, CorruptImage, NotFound, NotPermitted, VfsnapError
+from vfsnap.errors import Busy, CorruptImage, NotFound, NotPermitted, ShareNotAnswering, VfsnapError
 from vfsnap.format import Image
 from vfsnap.format.create import round_size
 from vfsnap.format.header import MAGIC, read_header
@@ -35,6 +35,7 @@ from vfsnap.format.tables import write_error
 from vfsnap.names import info_file, sidecar_file
 from vfsnap.share.first_meeting import first_record, guess_creation_time
 from vfsnap.share.info import VolumeInfo, parse_info
+from vfsnap.share.io import RequestGate
 from vfsnap.share.locks import VolumeLocks
 from vfsnap.share.open_images import OpenImages
 from vfsnap.share.qemu_locks import READING, UNUSED, WRITING, ImageUse
@@ -127,6 +128,7 @@ class Volume:
         self.sidecar_store = SidecarStore(share, sidecar_file(name), meet=lambda: first_record(self))
         self.images = OpenImages(share, name, use_of=self._qemu_use, in_use=lambda: bool(self.open_count))
         self._peeked: tuple[tuple, int] | None = None  # (file identity, virtual size): see stat()
+        self._last_stat: VolumeStat | None = None  # for a share that does not answer: see stat()
         self._live_view: View | None = None
         self._snapshot_views: dict[str, View] = {}
         self.open_count = 0
@@ -136,6 +138,9 @@ class Volume:
         self.chain_changing = False  # set by ChainChange while it holds the share's locks
         # Chain changes of this volume happen one at a time (DESIGN.md section 3).
         self.chain_lock = trio.Lock()
+        # Requests in flight, the write lock, and quiescing for chain changes (share/io.py).
+        self.gate = RequestGate()
+        self.flushing = False  # a background write-back of this volume is under way
         # The merge running now, for `vfsnap status` (set by vfsnap.share.snapshots).
         self.running_merge = None
         self.failed: dict[str, str] = {}  # snapshot -> error of a merge that failed
@@ -169,12 +174,26 @@ class Volume:
         file alone, reading nothing: mode and owner are right, size (the last one seen, else the
         base file's), allocation and times may not be, and `exact` in the result says so. A
         listing of 10,000 volumes with chains then reads no image header (issue 13; a volume
-        that is its base file alone is listed exactly: `Share.listed_stat`)."""
+        that is its base file alone is listed exactly: `Share.listed_stat`).
+
+        While the share does not answer, the figures last given (DESIGN.md section 4: `stat`
+        answers from the last known state); ShareNotAnswering (EAGAIN) if there are none."""
+        try:
+            figures = self._stat(exact)
+        except ShareNotAnswering:
+            if self._last_stat is None:
+                raise
+            return self._last_stat
+        if figures.exact:
+            self._last_stat = figures
+        return figures
+
+    def _stat(self, exact: bool) -> VolumeStat:
         base = self.base_stat()
         view = self._live_view
         if view is not None:
-            top = os.fstat(view.top.fd)
-            return VolumeStat(base.st_mode, base.st_uid, base.st_gid, view.size, view.allocated_bytes(),
+            top = self.share.dir.fstat(view.top.fd, view.top.name)
+            return VolumeStat(base.st_mode, base.st_uid, base.st_gid, view.size, self.allocated_bytes(view),
                               top.st_mtime_ns, top.st_ctime_ns, top.st_atime_ns)
         if not exact:
             return base_file_stat(base, self._peeked[1] if self._peeked is not None else None)
@@ -184,7 +203,7 @@ class Volume:
             index = self.share.index
             info = index.info_of(self.name)
             if info is None:
-                info = self.info() if self.name in index.current().with_info else VolumeInfo(active=self.name)
+                info = self.info() if self.name in self.share.state().with_info else VolumeInfo(active=self.name)
         stats = {name: self._stat_member(name) for name in {info.active, *info.snapshots.values()} - {self.name}}
         top = base if info.active == self.name else stats[info.active]
         if top is None:
@@ -328,7 +347,7 @@ class Volume:
         self.info()  # notices changes made on the share by others
         if self._live_view is None:
             self._live_view = View(self.live_chain(), name=self.name, budget=self.share.map_budget, split_top=True,
-                                   max_chunks=self.share.options.map_cache_chunks)
+                                   max_chunks=self.share.options.map_cache_chunks, io=self.share.io)
         return self._live_view
 
     def views(self) -> list[View]:
@@ -385,7 +404,7 @@ class Volume:
         view = self._snapshot_views.get(snapshot)
         if view is None:
             view = View(self.snapshot_chain(snapshot), name=f"{self.name}@{snapshot}", budget=self.share.map_budget,
-                        max_chunks=self.share.options.map_cache_chunks)
+                        max_chunks=self.share.options.map_cache_chunks, io=self.share.io)
             self._snapshot_views[snapshot] = view
         return view
 
@@ -409,15 +428,47 @@ class Volume:
 
     async def flush_async(self) -> None:
         """`flush`, with the long part (waiting for the share to store the data) on a worker
-        thread, so that requests for other volumes, and reads of this one, go on meanwhile."""
+        thread, so that requests for other volumes, and reads of this one, go on meanwhile.
+
+        The metadata write-back holds the write lock (share/io.py rule 4): it comes after the
+        writes in flight, and on a network share it runs on a worker thread too. Freed clusters
+        are given back only once the reads begun before have finished (rule 5)."""
         if self._live_view is not None and self._live_view.dirty:
             await sync_data(self._live_view.top)
-        self.flush()  # metadata, in order; its data sync has only what came in meanwhile
+        async with self.gate.write_lock:
+            view = self._live_view
+            if view is None:
+                return
+            top = view.top
+            # metadata, in order; its data sync has only what came in meanwhile
+            await self.share.io.write("flush", top.flush_keeping_frees)
+            if top.dirty:  # freed clusters wait
+                await self.gate.drain(reads_only=True)
+                top.apply_pending_frees()
 
     def close_writes(self) -> None:
         """The last writer closed the volume: write everything back, clear the dirty marks."""
         if self._live_view is not None:
             self._live_view.top.close_writes()
+
+    async def close_writes_async(self) -> None:
+        """`close_writes` after the reads in flight, off the loop on a network share."""
+        if self._live_view is None:
+            return
+        if not self.share.io.threaded and not self.gate.write_lock.locked() and not self.gate.reads_in_flight:
+            self._live_view.top.close_writes()  # at once: the release is answered before an unmount
+            return
+        async with self.gate.write_lock:
+            if self._live_view is not None:
+                await self.gate.drain(reads_only=True)
+                await self.share.io.write("close", self._live_view.top.close_writes)
+
+    def allocated_bytes(self, view: View) -> int:
+        """Bytes of the share the images of `view` occupy (as last seen, if the share hangs)."""
+        return sum(self.share.dir.fstat(image.fd, image.name).st_blocks * 512 for image in view.images)
+
+    def top_stat(self, view: View) -> os.stat_result:
+        return self.share.dir.fstat(view.top.fd, view.top.name)
 
     @property
     def dirty(self) -> bool:

@@ -1,0 +1,183 @@
+"""A share that hangs stalls only its own volumes (issue 12; DESIGN.md section 4).
+
+Two real GlusterFS volumes are the two shares of one mount (a Cinder shares file). The brick
+process of share A is stopped with SIGSTOP, as a hung NAS under a hard mount, while a read of a
+volume on A is in flight. Meanwhile a volume on share B keeps serving reads, writes and fsyncs,
+and `ls MNT/volumes`, `stat`, `df` and `vfsnap status` answer, the last saying that share A is
+not answering. After SIGCONT the waiting read completes with the right bytes.
+
+Every call on the mount runs on a helper thread with a deadline, so that a regression fails
+the test instead of hanging it; the brick is always continued in a `finally`.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, requires_fuse
+from tests.gluster import brick_pid, create_volume, mount_client, remove_volume
+from tests.qemu import flat_bytes, make_chain, qemu_io
+from tests.test_gluster_basic import host_bases  # noqa: F401 (fixture)
+
+pytestmark = [requires_fuse, pytest.mark.gluster]
+
+KiB = 1 << 10
+MiB = 1 << 20
+DEADLINE = 10.0  # seconds each call on the mount may take while share A hangs
+
+
+@pytest.fixture
+def second_gluster_volume(gluster_volume, tmp_path_factory):
+    volume = create_volume(tmp_path_factory.mktemp("gluster-b"), name=f"{gluster_volume.name}b")
+    yield volume
+    remove_volume(volume.name)
+
+
+class Call:
+    """`fn()` on a thread of its own: the test can wait for it with a deadline."""
+
+    def __init__(self, fn):
+        self.result = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn):
+        try:
+            self.result = fn()
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            self.error = exc
+
+    @property
+    def done(self) -> bool:
+        return not self.thread.is_alive()
+
+    def wait(self, timeout: float, what: str):
+        self.thread.join(timeout)
+        assert self.done, f"{what} did not answer within {timeout} s while the other share hung"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def within(what: str, fn, timeout: float = DEADLINE):
+    return Call(fn).wait(timeout, what)
+
+
+def pread_direct(fd: int, offset: int, length: int) -> bytes:
+    buf = mmap.mmap(-1, length)
+    got = os.preadv(fd, [buf], offset)
+    return bytes(buf[:got])
+
+
+def read_direct(path: Path, offset: int, length: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        return pread_direct(fd, offset, length)
+    finally:
+        os.close(fd)
+
+
+def write_direct_and_fsync(path: Path, offset: int, data: bytes) -> None:
+    fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, len(data))
+        buf[:] = data
+        assert os.pwritev(fd, [buf], offset) == len(data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def status_of(mountpoint: Path) -> dict:
+    result = subprocess.run([sys.executable, "-m", "vfsnap", "status", "--json", str(mountpoint)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=60, check=True)
+    return json.loads(result.stdout)
+
+
+def _fill(level, path, fmt):
+    qemu_io(path, f"write -P {0x31 + level} {level * 256}k 1M", fmt=fmt)
+
+
+def test_a_hung_share_stalls_only_its_own_volumes(gluster_volume, second_gluster_volume, host_bases,  # noqa: F811
+                                                  vfsnap_mount, tmp_path):
+    share_a, share_b = gluster_volume, second_gluster_volume
+    client_a, client_b = tmp_path / "client-a", tmp_path / "client-b"
+    mount_client(share_a, client_a)
+    mount_client(share_b, client_b)
+    try:
+        names_a = make_chain(client_a, "va", size=8 * MiB, depth=2, base_fmt="qcow2", writes=_fill)
+        make_chain(client_b, "vb", size=8 * MiB, depth=1, base_fmt="qcow2", writes=_fill)
+        expected_a = flat_bytes(client_a / names_a[-1], tmp_path)
+    finally:
+        for client in (client_a, client_b):
+            subprocess.run(["umount", str(client)], capture_output=True, check=False)
+
+    shares = tmp_path / "glusterfs_shares"
+    shares.write_text(f"{share_a.spec}\n{share_b.spec}\n")  # A first: every lookup asks it first
+    mnt = vfsnap_mount(f"share_type=glusterfs,shares_config={shares},mount_base={host_bases[0]}",
+                       path=tmp_path / "mnt", spec="glusterfs-shares")
+    # What the mount knows of share A before it hangs: the last known state it answers from.
+    assert sorted(os.listdir(mnt.path / "volumes")) == ["va", "vb"]
+    assert os.stat(mnt.volume("va")).st_size == 8 * MiB
+    os.statvfs(mnt.path)
+    assert {s["answering"] for s in status_of(mnt.path)["shares"]} == {True}
+    assert read_direct(mnt.volume("va"), 0, 64 * KiB) == expected_a[: 64 * KiB]
+
+    hung_offset = 5 * MiB + 12 * KiB  # not read before: nothing of it is cached anywhere
+    # Open before the hang, as a hypervisor holds its disk open (opening a volume of a share
+    # that does not answer fails with EAGAIN: docs/operations.md).
+    fd_a = os.open(mnt.volume("va"), os.O_RDONLY | os.O_DIRECT)
+    pid = brick_pid(share_a.name)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        hung_read = Call(lambda: pread_direct(fd_a, hung_offset, 64 * KiB))
+        time.sleep(0.2)  # let it reach the share (no assertion hangs on this)
+        assert not hung_read.done, "the read of the hung share returned: the brick was not stopped"
+
+        # Volume vb on share B: reads, a write and its fsync, at normal speed.
+        expected_b_block = within("read vb", lambda: read_direct(mnt.volume("vb"), 0, 4 * KiB))
+        assert expected_b_block == bytes([0x31]) * (4 * KiB)
+        payload = bytes(range(256)) * 16
+        within("write+fsync vb", lambda: write_direct_and_fsync(mnt.volume("vb"), 3 * MiB + 4 * KiB, payload))
+        assert within("read back vb", lambda: read_direct(mnt.volume("vb"), 3 * MiB + 4 * KiB, 4 * KiB)) == payload
+
+        # Listing, stat and df answer, the hung share's part from its last known state.
+        assert sorted(within("ls volumes", lambda: os.listdir(mnt.path / "volumes"))) == ["va", "vb"]
+        assert within("stat va", lambda: os.stat(mnt.volume("va"))).st_size == 8 * MiB
+        assert within("stat vb", lambda: os.stat(mnt.volume("vb"))).st_size == 8 * MiB
+        assert within("df", lambda: os.statvfs(mnt.path)).f_blocks > 0
+
+        # `vfsnap status` says which share does not answer (polled: it is marked after a moment).
+        deadline = time.monotonic() + DEADLINE
+        while True:
+            status = within("vfsnap status", lambda: status_of(mnt.path))
+            states = {s["path"]: s["answering"] for s in status["shares"]}
+            if list(states.values()) == [False, True]:
+                break
+            assert time.monotonic() < deadline, f"status never said share A hangs: {status['shares']}"
+            time.sleep(0.1)
+        assert sorted(v["name"] for v in status["volumes"]) == ["va", "vb"]
+        assert not hung_read.done, "the read of the hung share finished before SIGCONT"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+    # Share A is back: the waiting read completes with the right bytes, and A answers again.
+    assert hung_read.wait(120, "the read of share A after SIGCONT") == expected_a[hung_offset : hung_offset + 64 * KiB]
+    os.close(fd_a)
+    deadline = time.monotonic() + 30
+    while not all(s["answering"] for s in status_of(mnt.path)["shares"]):
+        assert time.monotonic() < deadline, "share A is still marked as not answering"
+        time.sleep(0.1)
+    assert read_direct(mnt.volume("va"), 0, 8 * MiB) == expected_a
+    assert read_direct(mnt.volume("vb"), 3 * MiB + 4 * KiB, 4 * KiB) == payload
