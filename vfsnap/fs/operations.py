@@ -412,21 +412,29 @@ class VfsnapOperations(pyfuse3.Operations):
             data = handle.view.read_cached(off, size)
             if data is not None:
                 return data
-            gate = handle.volume.gate
-            seq = await gate.enter(read=True)
-            try:
-                return await handle.view.read_async(off, size)
-            finally:
-                gate.leave(seq)
+            return await self._read_waiting(handle, off, size)
         except Exception as exc:  # noqa: BLE001 - error boundary
             handle = self._handles.get(fh)
             if handle is not None and handle.volume is not None and is_stale(exc):
                 try:  # an image replaced on the share: once more, by name
-                    handle.volume.forget_stale_images()
-                    return handle.view.read(off, size, transient=True)
+                    # New descriptors: not while a read in flight uses the old ones (io.py rule 6).
+                    async with handle.volume.gate.quiesced():
+                        handle.volume.forget_stale_images()
+                    return await self._read_waiting(handle, off, size)
                 except Exception as again:  # noqa: BLE001 - error boundary
                     exc = again
             raise fuse_error(exc, f"read {handle.node if handle else fh} at {off}+{size}") from None
+
+    @staticmethod
+    async def _read_waiting(handle: Handle, off: int, size: int):
+        """A read that waits for the share: counted in flight (the volume's descriptors stay
+        open and its freed clusters unused until it is done), on the share's threads."""
+        gate = handle.volume.gate
+        seq = await gate.enter(read=True)
+        try:
+            return await handle.view.read_async(off, size)
+        finally:
+            gate.leave(seq)
 
     async def write(self, fh, off, buf):
         # Hot path: no decorator frame; the same error boundary inline.

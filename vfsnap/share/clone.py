@@ -261,7 +261,9 @@ async def run_copy(volume, *, retry_seconds: float = 5.0, on_done=None) -> None:
                 return
             try:
                 rate = volume.share.options.clone_copy_rate
-                async with ChainChange(volume):
+                # Requests of the clone go on while it copies (each step holds its write lock,
+                # the reopening and the commit hold them back: vfsnap/share/io.py rules 4, 6).
+                async with ChainChange(volume, quiesce=False):
                     entry = clone_entry(volume.sidecar())
                     if entry is None:
                         return
@@ -302,10 +304,12 @@ async def _copy_some(volume, entry: CloneEntry, state: CopyState, hold_bytes: in
     base_index = names.index(volume.name)
     base = chain[base_index]
     if base.backing_file is None:  # the commit point was passed before a crash
-        _finish(volume, entry, state)
+        async with volume.gate.quiesced():
+            _finish(volume, entry, state)
         return True
     if not base.writable:  # snapshots of the clone were taken: base is a backing file now
-        base = volume.reopen(volume.name, writable=True)
+        async with volume.gate.quiesced():
+            base = volume.reopen(volume.name, writable=True)
         chain = volume.live_chain()
     source = View(chain[:base_index], name=f"{volume.name}:clone-source")
     target = View(chain[: base_index + 1], name=f"{volume.name}:clone-target")
@@ -329,7 +333,8 @@ async def _copy_some(volume, entry: CloneEntry, state: CopyState, hold_bytes: in
     while state.cursor < size and go_on():
         end = min(size, state.cursor + STEP_BYTES)
         _read_ahead(source, end, min(size, end + STEP_BYTES))
-        step = _copy_range(base, source, target, state.cursor, end)
+        async with volume.gate.write_lock:  # the base's write state is the clone's writers' too
+            step = _copy_range(base, source, target, state.cursor, end)
         state.done += step
         copied += step
         scanned += end - state.cursor
@@ -338,9 +343,10 @@ async def _copy_some(volume, entry: CloneEntry, state: CopyState, hold_bytes: in
         await trio.sleep(0)
     if state.cursor < size:
         return False
-    target.flush()  # every copied cluster durable before the backing file goes
-    base.set_backing(None, None)  # commit point: the clone reads nothing of its source
-    _finish(volume, entry, state)
+    async with volume.gate.quiesced():
+        target.flush()  # every copied cluster durable before the backing file goes
+        base.set_backing(None, None)  # commit point: the clone reads nothing of its source
+        _finish(volume, entry, state)
     return True
 
 
