@@ -119,6 +119,20 @@ async def apply_acked_async(pool: Pool, writes: list[Write], shared, *, start: i
         _set(shared, ACKED, start + i + 1)
 
 
+async def apply_acked_threaded(pool: Pool, writes: list[Write], shared) -> None:
+    """The same the way a network share is written (vfsnap/share/io.py): each write on one of
+    the share's worker threads under the volume's write lock, each fsync's data sync and ordered
+    write-back on them too, freed clusters given back after the reads in flight."""
+    vol = pool.volume(VOLUME)
+    vol.share.io.threaded = True
+    view = vol.live_view()
+    for i, write in enumerate(writes):
+        async with vol.gate.write_lock:
+            await view.write_async(write.offset, write.data)
+        await vol.flush_async()
+        _set(shared, ACKED, i + 1)
+
+
 def assert_writes(data: bytes, writes: list[Write], acked: int, before: bytes) -> None:
     """Acked writes are there; nothing else changed except where later writes landed."""
     touched = bytearray(len(data))

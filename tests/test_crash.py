@@ -16,6 +16,7 @@ from tests.crash import (
     Scenario,
     apply_acked,
     apply_acked_async,
+    apply_acked_threaded,
     assert_writes,
     build_chain,
     make_writes,
@@ -61,6 +62,18 @@ class Writes(Scenario):
                 assert len(data) == 2 * SIZE  # resized before the first acknowledged write
         assert_writes(data, self.writes, outcome.acked, self.live[: len(data)])
         assert read_view(volume.snapshot_view("s1")) == self.snapshot_contents[0]
+
+
+class ThreadedWrites(Writes):
+    """Guest writes as on a network share (issue 12): on the share's worker threads, the write-back
+    under the volume's write lock, freed clusters returned only after the reads in flight."""
+
+    def __init__(self, cluster_size: int):
+        super().__init__(cluster_size)
+        self.name = f"threaded-writes-{cluster_size}"
+
+    def operate(self, pool, shared):
+        trio.run(apply_acked_threaded, pool, self.writes, shared)
 
 
 class TakeSnapshot(Scenario):
@@ -277,6 +290,7 @@ SCENARIOS = [
     Writes(512),
     Writes(65536, extend=True),
     Writes(512, extend=True),
+    ThreadedWrites(512),
     TakeSnapshot(),
     *(DeleteSnapshot(position, size) for position in ("oldest", "middle", "newest") for size in (4096, 512)),
     Rename(2),
@@ -297,6 +311,8 @@ MIN_CRASH_POINTS = {
     "delete-middle-512": 95, "delete-newest-4096": 50, "delete-newest-512": 78, "rename-2": 19, "rename-6": 29,
     # clone and revert (issue 15): swept 32, 88, 45 and 51 points when written
     "clone-snapshot": 27, "clone-live": 75, "revert-s3": 38, "revert-s1": 43,
+    # writes on the share's worker threads (issue 12): swept 207 points when written
+    "threaded-writes-512": 175,
 }
 
 

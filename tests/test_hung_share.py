@@ -70,8 +70,16 @@ class Call:
         return self.result
 
 
+# (what, seconds) of each call made while share A hung: printed at the end (pytest -s), for the
+# record; the test asserts only the deadline (speed is measured by benchmarks, not tests).
+TIMES: list[tuple[str, float]] = []
+
+
 def within(what: str, fn, timeout: float = DEADLINE):
-    return Call(fn).wait(timeout, what)
+    started = time.monotonic()
+    result = Call(fn).wait(timeout, what)
+    TIMES.append((what, time.monotonic() - started))
+    return result
 
 
 def pread_direct(fd: int, offset: int, length: int) -> bytes:
@@ -171,6 +179,7 @@ def test_a_hung_share_stalls_only_its_own_volumes(gluster_volume, second_gluster
         assert not hung_read.done, "the read of the hung share finished before SIGCONT"
     finally:
         os.kill(pid, signal.SIGCONT)
+    print("while share A hung: " + ", ".join(f"{what} {seconds:.3f} s" for what, seconds in TIMES))
 
     # Share A is back: the waiting read completes with the right bytes, and A answers again.
     assert hung_read.wait(120, "the read of share A after SIGCONT") == expected_a[hung_offset : hung_offset + 64 * KiB]

@@ -359,21 +359,7 @@ class View:
 
     def _read_extents(self, offset: int, end: int, view: memoryview):
         """A read that spans extents, assembled in one buffer (no join of pieces)."""
-        for start, stop, fd, host in self.extents(offset, end):
-            target = view[start - offset : stop - offset]
-            if fd >= 0:
-                _preadv_full(fd, target, host)
-            elif fd == ZERO_FD:
-                target[:] = bytes(stop - start)
-            elif fd == COMPRESSED_FD:
-                cluster: CompressedCluster = host
-                data = cluster.image.read_compressed(cluster)
-                base = cluster.guest_cluster * len(data)
-                target[:] = data[start - base : stop - base]
-            else:
-                # A fresh exception each time: re-raising one object would grow its traceback.
-                raise CorruptImage(str(host))
-        return view
+        return _fill(view, offset, self.extents(offset, end))
 
     # -- reading without waiting on the loop (vfsnap/share/io.py) --------------------------
 
@@ -453,30 +439,32 @@ class View:
                 miss.insert(data, loaded)
 
     async def read_async(self, offset: int, length: int):
-        """`read`, with every wait for the share on one of its threads."""
+        """`read`, with every wait for the share on one of its threads: one hand-off per read,
+        whatever the number of extents it spans."""
         size = self._size
         if offset >= size or length <= 0:
             return b""
         end = min(offset + length, size)
+        chunk = self._chunks.get(offset >> self._chunk_bits)
+        if chunk is not None and end <= chunk.end:
+            i = bisect_right(chunk.starts, offset) - 1
+            if end <= chunk.ends[i]:
+                # The whole read lies in one resolved extent (the common case).
+                View.clock += 1
+                self.last_used = View.clock
+                fd = chunk.fds[i]
+                if fd >= 0:
+                    return await self.io.run("read", pread_full, fd, end - offset, chunk.hosts[i] + offset - chunk.starts[i])
+                if fd == ZERO_FD:
+                    return bytes(end - offset)
         extents = await self.resolve_async(offset, end)
-        if len(extents) == 1 and extents[0][2] >= 0:
-            _, _, fd, host = extents[0]
-            return await self.io.run("read", pread_full, fd, end - offset, host)
-        buffer = memoryview(bytearray(end - offset))
-        for start, stop, fd, host in extents:
-            piece = buffer[start - offset : stop - offset]
+        if len(extents) == 1:
+            fd, host = extents[0][2], extents[0][3]
             if fd >= 0:
-                piece[:] = await self.io.run("read", pread_full, fd, stop - start, host)
-            elif fd == ZERO_FD:
-                pass  # a new buffer reads as zeros
-            elif fd == COMPRESSED_FD:
-                cluster: CompressedCluster = host
-                data = await self.io.run("read", cluster.image.read_compressed, cluster)
-                base = cluster.guest_cluster * len(data)
-                piece[:] = data[start - base : stop - base]
-            else:
-                raise CorruptImage(str(host))
-        return buffer
+                return await self.io.run("read", pread_full, fd, end - offset, host)
+            if fd == ZERO_FD:
+                return bytes(end - offset)
+        return await self.io.run("read", _fill, memoryview(bytearray(end - offset)), offset, extents)
 
     # -- writing (live views only: the top image must be writable) ------------------------
 
@@ -546,16 +534,7 @@ class View:
         end = min(offset + length, self._size)
         buffer = memoryview(bytearray(max(0, end - offset)))
         if end > offset:
-            for start, stop, fd, host in resolve_extents(self.images, offset, end):
-                target = buffer[start - offset : stop - offset]
-                if fd >= 0:
-                    _preadv_full(fd, target, host)
-                elif fd == COMPRESSED_FD:
-                    data = host.image.read_compressed(host)
-                    base = host.guest_cluster * len(data)
-                    target[:] = data[start - base : stop - base]
-                elif fd != ZERO_FD:
-                    raise CorruptImage(str(host))
+            _fill(buffer, offset, resolve_extents(self.images, offset, end))
         return buffer
 
     def _write_qcow2(self, top: Qcow2Image, offset: int, data: memoryview, patches: list | None = None) -> None:
@@ -598,12 +577,18 @@ class View:
             return
         read = self.read if patches is None else self._read_resolved
         buffer = bytearray(run_end - run_start)
-        if offset > run_start:
-            head = read(run_start, offset - run_start)
-            buffer[: len(head)] = head
-        if end < run_end:
-            tail = read(end, run_end - end)
-            buffer[end - run_start : end - run_start + len(tail)] = tail
+        if offset > run_start and end < run_end and end - offset < top.cluster_size:
+            # A write inside one cluster: both ends in one read, as QEMU's copy-on-write does
+            # (on a network share each read is a round trip; the few bytes read twice cost less).
+            whole = read(run_start, run_end - run_start)
+            buffer[: len(whole)] = whole
+        else:
+            if offset > run_start:
+                head = read(run_start, offset - run_start)
+                buffer[: len(head)] = head
+            if end < run_end:
+                tail = read(end, run_end - end)
+                buffer[end - run_start : end - run_start + len(tail)] = tail
         lo, hi = max(offset, run_start), min(end, run_end)
         buffer[lo - run_start : hi - run_start] = data[lo - offset : hi - offset]
         host = top.write_clusters(first, buffer)
@@ -718,6 +703,26 @@ def _merge_extents(extents: list[tuple[int, int, int, object]]) -> list[tuple[in
                 continue
         merged.append(ext)
     return merged
+
+
+def _fill(view: memoryview, offset: int, extents: list[tuple[int, int, int, object]]) -> memoryview:
+    """Read resolved `extents` (guest offsets from `offset` on) into `view` (also on a share's
+    worker thread: it touches no view, only descriptors and compressed clusters)."""
+    for start, stop, fd, host in extents:
+        target = view[start - offset : stop - offset]
+        if fd >= 0:
+            _preadv_full(fd, target, host)
+        elif fd == ZERO_FD:
+            target[:] = bytes(stop - start)
+        elif fd == COMPRESSED_FD:
+            cluster: CompressedCluster = host
+            data = cluster.image.read_compressed(cluster)
+            base = cluster.guest_cluster * len(data)
+            target[:] = data[start - base : stop - base]
+        else:
+            # A fresh exception each time: re-raising one object would grow its traceback.
+            raise CorruptImage(str(host))
+    return view
 
 
 def _preadv_full(fd: int, target: memoryview, offset: int) -> None:

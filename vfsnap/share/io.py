@@ -22,6 +22,7 @@ microseconds, which is most of a page-cache hit on a local disk.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import itertools
 import os
@@ -59,6 +60,12 @@ class ShareIO:
         self._gave_up: set[int] = set()  # metadata calls the loop stopped waiting for
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._executor_pid = 0
+        # Finished calls waiting for the loop, handed over in batches: one wake-up of the loop
+        # (a write to trio's wake-up socket, a read to drain it) serves every call that finished
+        # before the loop came round, instead of one each.
+        self._done: collections.deque = collections.deque()
+        self._done_lock = threading.Lock()
+        self._delivery_pending = False
 
     # -- health -----------------------------------------------------------------------------
 
@@ -121,10 +128,26 @@ class ShareIO:
                 return
             fn, args, trio_token, task = job
             result = outcome.capture(fn, *args)
+            with self._done_lock:
+                self._done.append((task, result))
+                if self._delivery_pending:
+                    continue  # the loop is already called: it takes this one too
+                self._delivery_pending = True
             try:
-                trio_token.run_sync_soon(trio.lowlevel.reschedule, task, result)
-            except trio.RunFinishedError:
-                pass  # the mount ended while this call waited for the share
+                trio_token.run_sync_soon(self._deliver)
+            except trio.RunFinishedError:  # the mount ended while this call waited for the share
+                with self._done_lock:
+                    self._done.clear()
+                    self._delivery_pending = False
+
+    def _deliver(self) -> None:
+        """On the loop: wake every task whose call finished (see `_done`)."""
+        with self._done_lock:
+            done = list(self._done)
+            self._done.clear()
+            self._delivery_pending = False
+        for task, result in done:
+            trio.lowlevel.reschedule(task, result)
 
     async def write(self, what: str, fn, *args):
         """A data call that is quick on a local disk (a write into the page cache): inline there,
