@@ -307,6 +307,19 @@ def fusermount_u(path: Path, lazy: bool = False) -> bool:
     return subprocess.run(args, check=False, capture_output=True).returncode == 0
 
 
+def fio_job(result, what: str) -> dict:
+    """The one job of fio's JSON output (`--output-format=json`, `--group_reporting`); a failed
+    run raises, naming `what`."""
+    try:
+        doc = json.loads(result.stdout[result.stdout.index("{"):])
+    except ValueError:
+        raise RuntimeError(f"fio failed ({result.returncode}):\n{result.stderr}{result.stdout}") from None
+    job = doc["jobs"][0]
+    if result.returncode != 0 or job.get("error"):
+        raise RuntimeError(f"{what}: error {job.get('error')}\n{result.stderr}")
+    return job
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process (all its threads)."""
     with open(f"/proc/{pid}/stat") as f:
@@ -569,13 +582,7 @@ def fio(target: Target, workload: Workload, *, runtime: float, disk_size: int, s
     wall = time.monotonic() - t0
     cpu0 = cpu_at.get("start")
     cpu1 = cpu_seconds(pid) if target.process.poll() is None else None
-    try:
-        doc = json.loads(result.stdout[result.stdout.index("{"):])
-    except ValueError:
-        raise RuntimeError(f"fio failed ({result.returncode}):\n{result.stderr}{result.stdout}") from None
-    job = doc["jobs"][0]
-    if result.returncode != 0 or job.get("error"):
-        raise RuntimeError(f"fio {workload.name} on {path}: error {job.get('error')}\n{result.stderr}")
+    job = fio_job(result, f"fio {workload.name} on {path}")
     side = job[workload.ddir]
     ios = side["total_ios"]
     out = {

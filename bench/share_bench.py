@@ -59,13 +59,7 @@ def fio_jobs(path: Path, rw: str, bs: int, jobs: int, *, runtime: float, size: i
     if rw == "write" and jobs > 1:
         args.append("--offset_increment=" + str(size // jobs))
     result = h.run(*args, check=False)
-    try:
-        doc = json.loads(result.stdout[result.stdout.index("{"):])
-    except ValueError:
-        raise RuntimeError(f"fio failed ({result.returncode}):\n{result.stderr}{result.stdout}") from None
-    job = doc["jobs"][0]
-    if result.returncode != 0 or job.get("error"):
-        raise RuntimeError(f"fio on {path}: error {job.get('error')}\n{result.stderr}")
+    job = h.fio_job(result, f"fio on {path}")
     side = job["write" if "write" in rw else "read"]
     return {"iops": side["iops"], "MBps": side["bw_bytes"] / 1e6, "clat_mean_us": side["clat_ns"]["mean"] / 1000}
 

@@ -61,7 +61,7 @@ class Mounts:
         self.started: list[Mount] = []
 
     def start(self, share: Path, *, faults: str | None = None, ops: str | None = None,
-              report: Path | None = None) -> Mount:
+              report: Path | None = None, options: str = OPTIONS) -> Mount:
         for name, value in (("VFSNAP_FAULTS", faults), ("VFSNAP_FAULTS_OPS", ops),
                             ("VFSNAP_FAULTS_REPORT", str(report) if report else None)):
             if value is None:
@@ -69,7 +69,7 @@ class Mounts:
             else:
                 self.monkeypatch.setenv(name, value)
         index = len(self.started)
-        mnt = Mount(share, self.base / f"mnt{index}", OPTIONS, log_path=self.base / f"mnt{index}.log",
+        mnt = Mount(share, self.base / f"mnt{index}", options, log_path=self.base / f"mnt{index}.log",
                     module="tests.fault_launcher")
         self.started.append(mnt)
         try:

@@ -28,6 +28,7 @@ import trio
 from tests.conftest import requires_fuse
 from tests.qemu import check as qemu_check
 from tests.qemu import create, flat_bytes, make_chain, qemu_io
+from tests.test_faults import OPTIONS as FAULT_OPTIONS
 from tests.test_faults import mounts  # noqa: F401 (fixture)
 from vfsnap.chain.view import View
 from vfsnap.errors import VfsnapError
@@ -89,14 +90,10 @@ def test_a_slow_fsync_of_one_volume_does_not_hold_back_another(mounts, tmp_path:
     assert (share / "a").read_bytes()[: 2 * MiB] == b"\xaa" * (2 * MiB)
 
 
-def _start_slow(vfsnap_mount, monkeypatch, share: Path, plan: str, ops: str):
-    monkeypatch.setenv("VFSNAP_FAULTS", plan)
-    monkeypatch.setenv("VFSNAP_FAULTS_OPS", ops)
-    try:
-        return vfsnap_mount("share_io=threads", share_path=share)
-    finally:
-        monkeypatch.delenv("VFSNAP_FAULTS")
-        monkeypatch.delenv("VFSNAP_FAULTS_OPS")
+def _start_slow(mounts, share: Path, plan: str, ops: str):
+    """A mount through the fault launcher (tests/faults.py) whose share is slow for `ops`, its
+    I/O on the share's threads as on a network share (`share_io=threads`)."""
+    return mounts.start(share, faults=plan, ops=ops, options=f"{FAULT_OPTIONS},share_io=threads")
 
 
 def _raw_volume_known_to_vfsnap(share: Path, name: str, data: bytes) -> None:
@@ -131,15 +128,29 @@ def _pread_direct(fd: int, offset: int, length: int) -> bytes:
 SLOW_IO = 0.5  # seconds each pread or pwrite of the slow share takes
 
 
+def _drop_cached_pages(path: Path) -> None:
+    """Evict `path` from the page cache, so that reading it has to ask the (slow) share."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 @requires_fuse
-def test_a_slow_read_of_one_volume_does_not_hold_back_another(vfsnap_mount, share: Path, monkeypatch, tmp_path: Path):
+def test_a_slow_read_of_one_volume_does_not_hold_back_another(mounts, tmp_path: Path):  # noqa: F811
+    share = tmp_path / "share"
+    share.mkdir()
     # Volume a: a qcow2 chain whose tables and data must all be read from the slow share.
     names = make_chain(share, "a", size=8 * MiB, depth=2, base_fmt="qcow2",
                        writes=lambda level, path, fmt: qemu_io(path, f"write -P {0x41 + level} {level}M 2M", fmt=fmt))
     expected_a = flat_bytes(share / names[-1], tmp_path)
+    for name in names:
+        _drop_cached_pages(share / name)  # else the page cache answers (RWF_NOWAIT), as it should
     expected_b = bytes(range(256)) * (4 * MiB // 256)
     _raw_volume_known_to_vfsnap(share, "b", expected_b)
-    mnt = _start_slow(vfsnap_mount, monkeypatch, share, f"slow:{SLOW_IO}", "pread")
+    mnt = _start_slow(mounts, share, f"slow:{SLOW_IO}", "pread")
 
     fd_a = os.open(mnt.volume("a"), os.O_RDONLY | os.O_DIRECT)  # reads headers: slow, but done now
     try:
@@ -158,12 +169,14 @@ def test_a_slow_read_of_one_volume_does_not_hold_back_another(vfsnap_mount, shar
 
 
 @requires_fuse
-def test_a_slow_write_of_one_volume_does_not_hold_back_another(vfsnap_mount, share: Path, monkeypatch, tmp_path: Path):
+def test_a_slow_write_of_one_volume_does_not_hold_back_another(mounts, tmp_path: Path):  # noqa: F811
+    share = tmp_path / "share"
+    share.mkdir()
     make_chain(share, "a", size=8 * MiB, depth=1, base_fmt="raw",
                writes=lambda level, path, fmt: qemu_io(path, f"write -P {0x61 + level} 0 1M", fmt=fmt))
     expected_b = bytes(range(256)) * (4 * MiB // 256)
     _raw_volume_known_to_vfsnap(share, "b", expected_b)
-    mnt = _start_slow(vfsnap_mount, monkeypatch, share, f"slow:{SLOW_IO}", "pwrite")
+    mnt = _start_slow(mounts, share, f"slow:{SLOW_IO}", "pwrite")
 
     payload = b"\xa7" * 12288
     fd_a = os.open(mnt.volume("a"), os.O_RDWR)

@@ -371,19 +371,16 @@ class View:
         if offset >= size or length <= 0:
             return b""
         end = min(offset + length, size)
-        chunk = self._chunks.get(offset >> self._chunk_bits)
-        if chunk is not None and end <= chunk.end:
-            i = bisect_right(chunk.starts, offset) - 1
-            if end <= chunk.ends[i]:
-                # The whole read lies in one resolved extent (the common case).
-                fd = chunk.fds[i]
-                if fd >= 0:
-                    target = _shared_buffer(end - offset)
-                    if self.nowait and self._preadv_nowait(fd, target, chunk.hosts[i] + offset - chunk.starts[i]):
-                        return target
-                    return None
-                if fd == ZERO_FD:
-                    return bytes(end - offset)
+        one = self._one_extent(offset, end)
+        if one is not None:  # the common case
+            fd, host = one
+            if fd >= 0:
+                target = _shared_buffer(end - offset)
+                if self.nowait and self._preadv_nowait(fd, target, host):
+                    return target
+                return None
+            if fd == ZERO_FD:
+                return bytes(end - offset)
         try:
             with deferred_loads():
                 extents = self.extents(offset, end)
@@ -408,6 +405,20 @@ class View:
             else:
                 raise CorruptImage(str(host))
         return target
+
+    def _one_extent(self, offset: int, end: int) -> tuple[int, object] | None:
+        """(fd, host offset) of guest [offset, end) when it lies in one resolved extent (of a
+        chunk resolved already), else None."""
+        chunk = self._chunks.get(offset >> self._chunk_bits)
+        if chunk is None or end > chunk.end:
+            return None
+        i = bisect_right(chunk.starts, offset) - 1
+        if end > chunk.ends[i]:
+            return None
+        View.clock += 1
+        self.last_used = View.clock
+        fd = chunk.fds[i]
+        return fd, chunk.hosts[i] + offset - chunk.starts[i] if fd >= 0 else chunk.hosts[i]
 
     def _preadv_nowait(self, fd: int, target: memoryview, offset: int) -> bool:
         done = 0
@@ -445,18 +456,13 @@ class View:
         if offset >= size or length <= 0:
             return b""
         end = min(offset + length, size)
-        chunk = self._chunks.get(offset >> self._chunk_bits)
-        if chunk is not None and end <= chunk.end:
-            i = bisect_right(chunk.starts, offset) - 1
-            if end <= chunk.ends[i]:
-                # The whole read lies in one resolved extent (the common case).
-                View.clock += 1
-                self.last_used = View.clock
-                fd = chunk.fds[i]
-                if fd >= 0:
-                    return await self.io.run("read", pread_full, fd, end - offset, chunk.hosts[i] + offset - chunk.starts[i])
-                if fd == ZERO_FD:
-                    return bytes(end - offset)
+        one = self._one_extent(offset, end)
+        if one is not None:  # the common case
+            fd, host = one
+            if fd >= 0:
+                return await self.io.run("read", pread_full, fd, end - offset, host)
+            if fd == ZERO_FD:
+                return bytes(end - offset)
         extents = await self.resolve_async(offset, end)
         if len(extents) == 1:
             fd, host = extents[0][2], extents[0][3]
