@@ -138,6 +138,18 @@ def _drop_cached_pages(path: Path) -> None:
         os.close(fd)
 
 
+def _b_answers_meanwhile(mnt, expected_b: bytes, offset: int, background, what: str) -> None:
+    """A 1 MiB read of volume b returns the right bytes while `background`, the slow `what` of
+    volume a, still waits for the share; then waits for `background` to end."""
+    fd_b = os.open(mnt.volume("b"), os.O_RDONLY | os.O_DIRECT)
+    try:
+        assert _pread_direct(fd_b, offset, MiB) == expected_b[offset : offset + MiB]
+    finally:
+        os.close(fd_b)
+    assert background.is_alive(), f"reading volume b waited for the slow {what} of volume a"
+    background.join(SLOW_IO * 60)
+
+
 @requires_fuse
 def test_a_slow_read_of_one_volume_does_not_hold_back_another(mounts, tmp_path: Path):  # noqa: F811
     share = tmp_path / "share"
@@ -156,13 +168,7 @@ def test_a_slow_read_of_one_volume_does_not_hold_back_another(mounts, tmp_path: 
     try:
         # Tables of three images and the data: several slow preads, one after the other.
         reader, outcome = _in_background(lambda: _pread_direct(fd_a, 2 * MiB + 4096, 64 * 1024))
-        fd_b = os.open(mnt.volume("b"), os.O_RDONLY | os.O_DIRECT)
-        try:
-            assert _pread_direct(fd_b, MiB, MiB) == expected_b[MiB : 2 * MiB]
-        finally:
-            os.close(fd_b)
-        assert reader.is_alive(), "reading volume b waited for the slow read of volume a"
-        reader.join(SLOW_IO * 60)
+        _b_answers_meanwhile(mnt, expected_b, MiB, reader, "read")
         assert outcome == {"result": expected_a[2 * MiB + 4096 : 2 * MiB + 4096 + 65536]}
     finally:
         os.close(fd_a)
@@ -183,13 +189,7 @@ def test_a_slow_write_of_one_volume_does_not_hold_back_another(mounts, tmp_path:
     try:
         # Copy-on-write into the overlay: the header's dirty mark, then the data, each slow.
         writer, outcome = _in_background(lambda: os.pwrite(fd_a, payload, 3 * MiB + 512))
-        fd_b = os.open(mnt.volume("b"), os.O_RDONLY | os.O_DIRECT)
-        try:
-            assert _pread_direct(fd_b, 0, MiB) == expected_b[:MiB]
-        finally:
-            os.close(fd_b)
-        assert writer.is_alive(), "reading volume b waited for the slow write of volume a"
-        writer.join(SLOW_IO * 60)
+        _b_answers_meanwhile(mnt, expected_b, 0, writer, "write")
         assert outcome == {"result": len(payload)}
         os.fsync(fd_a)
         assert os.pread(fd_a, len(payload), 3 * MiB + 512) == payload

@@ -272,9 +272,6 @@ class View:
         self.budget.release(extents)
         return True
 
-    def allocated_bytes(self) -> int:
-        return sum(img.allocated_bytes() for img in self.images)
-
     # -- resolution -----------------------------------------------------------------------
 
     def _chunk(self, index: int) -> Chunk:

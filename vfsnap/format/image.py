@@ -107,10 +107,6 @@ class Image:
         """Write everything back and mark the image consistent on disk."""
         self.flush()
 
-    def allocated_bytes(self) -> int:
-        """Bytes of the share this image occupies (its file's allocated blocks)."""
-        return os.fstat(self.fd).st_blocks * 512
-
     def close(self) -> None:
         if not self.closed:
             self.closed = True

@@ -387,14 +387,7 @@ class VfsnapOperations(pyfuse3.Operations):
         return await self._open_handle(Handle(view, volume, node, bool(writing), sync), keep_cache, direct_io=direct)
 
     async def _open_handle(self, handle: Handle, keep_cache: bool, direct_io: bool = False) -> pyfuse3.FileInfo:
-        volume = handle.volume
-        if not volume.writers:
-            # The first writer, or a reader with nobody writing here, re-reads `.info` and may
-            # give the active image a new descriptor: not under a request in flight.
-            async with volume.gate.quiesced():
-                volume.opened(handle.snapshot, writing=handle.writable)
-        else:
-            volume.opened(handle.snapshot, writing=handle.writable)
+        await handle.volume.opened_async(handle.snapshot, writing=handle.writable)
         return pyfuse3.FileInfo(fh=self._new_handle(handle), keep_cache=keep_cache, direct_io=direct_io)
 
     def _new_handle(self, handle: Handle) -> int:
@@ -413,29 +406,16 @@ class VfsnapOperations(pyfuse3.Operations):
                 data = handle.view.read_cached(off, size)
                 if data is not None:
                     return data
-            return await self._read_waiting(handle, off, size)
+            return await handle.volume.read(handle.view, off, size)
         except Exception as exc:  # noqa: BLE001 - error boundary
             handle = self._handles.get(fh)
             if handle is not None and handle.volume is not None and is_stale(exc):
                 try:  # an image replaced on the share: once more, by name
-                    # New descriptors: not while a read in flight uses the old ones (io.py rule 6).
-                    async with handle.volume.gate.quiesced():
-                        handle.volume.forget_stale_images()
-                    return await self._read_waiting(handle, off, size)
+                    await handle.volume.forget_stale_images_async()
+                    return await handle.volume.read(handle.view, off, size)
                 except Exception as again:  # noqa: BLE001 - error boundary
                     exc = again
             raise fuse_error(exc, f"read {handle.node if handle else fh} at {off}+{size}") from None
-
-    @staticmethod
-    async def _read_waiting(handle: Handle, off: int, size: int):
-        """A read that waits for the share: counted in flight (the volume's descriptors stay
-        open and its freed clusters unused until it is done), on the share's threads."""
-        gate = handle.volume.gate
-        seq = await gate.enter(read=True)
-        try:
-            return await handle.view.read_async(off, size)
-        finally:
-            gate.leave(seq)
 
     async def write(self, fh, off, buf):
         # Hot path: no decorator frame; the same error boundary inline.
@@ -443,21 +423,9 @@ class VfsnapOperations(pyfuse3.Operations):
             handle = self._handles[fh]
             if not handle.writable:
                 raise pyfuse3.FUSEError(errno.EBADF)
-            volume = handle.volume
-            if volume.share.io.threaded:
-                # One write of the volume at a time, its system calls on a worker thread
-                # (the write lock: vfsnap/share/io.py rules 4 and 5).
-                gate = volume.gate
-                seq = await gate.enter(read=False)
-                try:
-                    async with gate.write_lock:
-                        written = await handle.view.write_async(off, buf)
-                finally:
-                    gate.leave(seq)
-            else:
-                written = handle.view.write(off, buf)  # a local disk: into the page cache
+            written = await handle.volume.write(handle.view, off, buf)
             if handle.sync:
-                await volume.flush_async()
+                await handle.volume.flush_async()
             return written
         except Exception as exc:  # noqa: BLE001 - error boundary
             handle = self._handles.get(fh)
@@ -633,9 +601,7 @@ class VfsnapOperations(pyfuse3.Operations):
             if fields.update_size:
                 if self.pool.read_only:
                     raise pyfuse3.FUSEError(errno.EROFS)
-                volume = self.pool.volume(node.volume)
-                async with volume.gate.quiesced():
-                    volume.resize(attr.st_size)
+                await self.pool.volume(node.volume).resize_async(attr.st_size)
             if fields.update_mode or fields.update_uid or fields.update_gid:
                 raise pyfuse3.FUSEError(errno.EPERM)
             # Timestamps (touch) are accepted and ignored: the share's files keep theirs.

@@ -467,8 +467,51 @@ class Volume:
         """Bytes of the share the images of `view` occupy (as last seen, if the share hangs)."""
         return sum(self.share.dir.fstat(image.fd, image.name).st_blocks * 512 for image in view.images)
 
-    def top_stat(self, view: View) -> os.stat_result:
-        return self.share.dir.fstat(view.top.fd, view.top.name)
+    # -- requests in flight (vfsnap/share/io.py) ---------------------------------------------
+
+    async def read(self, view: View, offset: int, length: int):
+        """A read of `view` that waits for the share: counted in flight (the volume's
+        descriptors stay open and its freed clusters unused until it is done), on the share's
+        threads. (What the page cache answers, `View.read_cached` answers first.)"""
+        gate = self.gate
+        seq = await gate.enter(read=True)
+        try:
+            return await view.read_async(offset, length)
+        finally:
+            gate.leave(seq)
+
+    async def write(self, view: View, offset: int, data) -> int:
+        """Write `data` at `offset` of the live `view`. On a network share one write of the
+        volume at a time, its system calls on a worker thread (io.py rules 4 and 5); on a local
+        disk in place, into the page cache."""
+        if not self.share.io.threaded:
+            return view.write(offset, data)
+        gate = self.gate
+        seq = await gate.enter(read=False)
+        try:
+            async with gate.write_lock:
+                return await view.write_async(offset, data)
+        finally:
+            gate.leave(seq)
+
+    async def opened_async(self, snapshot: str | None = None, *, writing: bool = False) -> None:
+        """`opened`. The first writer, or a reader with nobody writing here, re-reads `.info`
+        and may give the active image a new descriptor: not under a request in flight."""
+        if self.writers:
+            self.opened(snapshot, writing=writing)
+            return
+        async with self.gate.quiesced():
+            self.opened(snapshot, writing=writing)
+
+    async def forget_stale_images_async(self) -> None:
+        """`forget_stale_images`, not while a read in flight uses the old descriptors (rule 6)."""
+        async with self.gate.quiesced():
+            self.forget_stale_images()
+
+    async def resize_async(self, new_size: int) -> None:
+        """`resize`, with the volume's requests held back (rule 6)."""
+        async with self.gate.quiesced():
+            self.resize(new_size)
 
     @property
     def dirty(self) -> bool:
