@@ -492,10 +492,12 @@ class QsdTarget(Target):
 class CeilingTarget(Target):
     kind = "ceiling"
 
-    def __init__(self, image: Path, mountpoint: Path, log_path: Path, xattr: bool = False):
-        super().__init__("ceiling-xattr" if xattr else "ceiling", mountpoint, log_path)
+    def __init__(self, image: Path, mountpoint: Path, log_path: Path, xattr: bool = False, threads: int = 0):
+        super().__init__("ceiling-xattr" if xattr else "ceiling-threads" if threads else "ceiling",
+                         mountpoint, log_path)
         self.image = image
         self.xattr = xattr
+        self.threads = threads
 
     @property
     def path(self) -> Path:
@@ -503,7 +505,7 @@ class CeilingTarget(Target):
 
     def command(self) -> list[str]:
         return [PYTHON, str(BENCH_DIR / "passthrough.py")] + (["--xattr"] if self.xattr else []) + \
-            [str(self.image), str(self.mountpoint)]
+            ([f"--threads={self.threads}"] if self.threads else []) + [str(self.image), str(self.mountpoint)]
 
 
 @contextmanager

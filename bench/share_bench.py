@@ -6,11 +6,16 @@ A single-brick GlusterFS volume on this host (made here, as tests/gluster.py mak
 ones: client-side caches off) is mounted the way vfsnap mounts GlusterFS shares
 (`attribute-timeout=0,entry-timeout=0,negative-timeout=0,direct-io-mode=enable`), and a chain
 (`bench/harness.py`: raw base with random data, `--depth` qcow2 overlays with scattered writes)
-is copied onto it. Then, alternating between the two targets, each run on a fresh mount:
+is copied onto it. Then, alternating between the targets, each run on a fresh mount:
 
 - vfsnap: `vfsnap mount -f <gluster mount> MNT`, file `MNT/volumes/vol` (a network share: its
   I/O goes to the share's worker threads, vfsnap/share/io.py);
-- qsd: `qemu-storage-daemon` with a FUSE export of the chain's top image on the same mount.
+- qsd: `qemu-storage-daemon` with a FUSE export of the chain's top image on the same mount;
+- ceiling, ceiling-threads: bench/passthrough.py, the bare pyfuse3 passthrough, serving a flat raw
+  copy of the chain on the same mount (`qemu-img convert`). `ceiling` calls pread/pwrite on the
+  loop, one request at a time; `ceiling-threads` hands each call to one of 16 threads the way
+  vfsnap does (`ShareIO.run`), so that requests are in flight together. They are what a Python FUSE filesystem can do at most on this share:
+  no map, no copy-on-write (their writes go straight into the flat file).
 
 Workloads (fio, psync, O_DIRECT, `numjobs` jobs of one request each on the one file):
 
@@ -20,7 +25,8 @@ Workloads (fio, psync, O_DIRECT, `numjobs` jobs of one request each on the one f
   create -b <top>` and a writable export of it), with `end_fsync=1`; afterwards the overlay is
   removed and the chain is as before.
 
-Prints the medians and vfsnap/qsd per workload; the JSON goes to bench/results/share-*.json.
+Prints the medians and vfsnap/qsd, vfsnap/best ceiling and best ceiling/qsd per workload; the JSON
+goes to bench/results/share-*.json. `--targets` picks the targets (default all four).
 The machine may be busy: compare the ratios of one run, not figures across runs.
 """
 
@@ -42,6 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import harness as h
 from harness import KiB, MiB
 
+FLAT = "flat.raw"  # the ceilings' copy of the chain
+TARGETS = ("vfsnap", "qsd", "ceiling", "ceiling-threads")
 GLUSTER_OPTIONS = "attribute-timeout=0,entry-timeout=0,negative-timeout=0,direct-io-mode=enable"
 READS = [("randread-4k", "randread", 4 * KiB, 1), ("randread-4k", "randread", 4 * KiB, 4),
          ("randread-4k", "randread", 4 * KiB, 16), ("seqread-1M", "read", MiB, 1)]
@@ -120,6 +128,9 @@ def run_one(kind: str, workload: tuple, chain: h.Chain, share: Path, workdir: Pa
     overlay = None
     if kind == "vfsnap":
         target = h.VfsnapTarget(share, workdir / "mnt", logs / "vfsnap.log", args.vfsnap_options)
+    elif kind.startswith("ceiling"):
+        target = h.CeilingTarget(share / FLAT, workdir / "mnt", logs / f"{kind}.log",
+                                 threads=16 if kind == "ceiling-threads" else 0)
     else:
         file = top
         if writing:
@@ -137,7 +148,7 @@ def run_one(kind: str, workload: tuple, chain: h.Chain, share: Path, workdir: Pa
             if errors:
                 raise RuntimeError(f"{kind} logged errors: {errors[:5]}")
     finally:
-        if writing:
+        if writing and not kind.startswith("ceiling"):
             restore(share, chain.names, saved)
     return result
 
@@ -151,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workloads", default=None, help="comma-separated names (default: all)")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/vfsnap-share-bench"))
     parser.add_argument("--vfsnap-options", default="")
+    parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
     h.exit_on_signals()
@@ -158,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     spec = h.ChainSpec(size=h.parse_size(args.size), depth=args.depth)
     chain = h.build_chain(args.workdir, spec)
+    targets = h.split_list(args.targets, TARGETS, "target")
     wanted = None if args.workloads is None else set(args.workloads.split(","))
     workloads = [w for w in READS + WRITES if wanted is None or w[0] in wanted]
     started = time.time()
@@ -167,12 +180,15 @@ def main(argv: list[str] | None = None) -> int:
     share = GlusterShare(args.workdir)
     try:
         copy_onto(chain, share.path)
+        if any(t.startswith("ceiling") for t in targets):
+            h.log("writing the ceilings' flat copy onto the GlusterFS share")
+            h.run("qemu-img", "convert", "-O", "raw", chain.top, share.path / FLAT)
         with h.started([h.VfsnapTarget(share.path, args.workdir / "mnt", args.workdir / "logs" / "vfsnap.log")]) as (t,):
             h.verify(t.path, chain)  # vfsnap serves the chain's bytes (and records the volume)
         serial = 0
         for workload in workloads:
             for rep in range(args.reps):
-                for kind in ("vfsnap", "qsd") if rep % 2 == 0 else ("qsd", "vfsnap"):  # alternated
+                for kind in targets if rep % 2 == 0 else targets[::-1]:  # alternated
                     serial += 1
                     result = run_one(kind, workload, chain, share.path, args.workdir, args, serial)
                     result.update(workload=workload[0], jobs=workload[3], target=kind, rep=rep)
@@ -180,21 +196,29 @@ def main(argv: list[str] | None = None) -> int:
                     h.log(f"{workload[0]} x{workload[3]} {kind}: {result['iops']:.0f} IOPS {result['MBps']:.1f} MB/s")
     finally:
         share.close()
+    ceilings = [t for t in targets if t.startswith("ceiling")]
     lines = [f"share benchmark: GlusterFS on localhost ({GLUSTER_OPTIONS}), {h.human(spec.size)} disk, "
              f"depth {spec.depth}, fio psync direct=1, {args.runtime:g} s per run, median of {args.reps}; "
              f"load average at the end {os.getloadavg()[0]:.1f} (a busy machine: compare the ratios)",
-             f"{'workload':<18} {'jobs':>4} {'vfsnap IOPS':>12} {'qsd IOPS':>10} {'vfsnap MB/s':>12} "
-             f"{'qsd MB/s':>10} {'vfsnap/qsd':>10}"]
+             f"{'workload':<18} {'jobs':>4} " + " ".join(f"{t + ' IOPS':>20}" for t in targets)
+             + f" {'vfsnap/qsd':>10} {'vfsnap/ceil':>11} {'ceil/qsd':>8}"]
     summary = {}
     for name, _, _, jobs in workloads:
         med = {}
-        for kind in ("vfsnap", "qsd"):
+        for kind in targets:
             runs = [r for r in document["runs"] if r["workload"] == name and r["jobs"] == jobs and r["target"] == kind]
             med[kind] = {k: statistics.median(r[k] for r in runs) for k in ("iops", "MBps")} if runs else None
-        ratio = med["vfsnap"]["MBps"] / med["qsd"]["MBps"] if med["vfsnap"] and med["qsd"] else None
-        summary[f"{name} x{jobs}"] = {**med, "ratio": ratio}
-        lines.append(f"{name:<18} {jobs:>4} {med['vfsnap']['iops']:>12.0f} {med['qsd']['iops']:>10.0f} "
-                     f"{med['vfsnap']['MBps']:>12.1f} {med['qsd']['MBps']:>10.1f} {ratio:>10.2f}")
+        mbps = {t: med[t]["MBps"] for t in targets if med[t]}
+        best = max((mbps[t] for t in ceilings if t in mbps), default=None)
+
+        def ratio(a, b):
+            return a / b if a and b else None
+
+        vfsnap, qsd = mbps.get("vfsnap"), mbps.get("qsd")
+        row = {"vfsnap/qsd": ratio(vfsnap, qsd), "vfsnap/ceiling": ratio(vfsnap, best), "ceiling/qsd": ratio(best, qsd)}
+        summary[f"{name} x{jobs}"] = {**med, **row}
+        lines.append(f"{name:<18} {jobs:>4} " + " ".join(f"{med[t]['iops']:>20.0f}" for t in targets) + " "
+                     + " ".join(f"{'-' if v is None else f'{v:.2f}':>{w}}" for v, w in zip(row.values(), (10, 11, 8))))
     text = "\n".join(lines)
     print(text)
     document.update(summary=summary, table=text, seconds=round(time.time() - started, 1))
