@@ -21,7 +21,6 @@ import errno
 import functools
 import os
 import stat
-import sys
 
 import pyfuse3
 import trio

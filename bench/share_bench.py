@@ -33,11 +33,9 @@ The machine may be busy: compare the ratios of one run, not figures across runs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
