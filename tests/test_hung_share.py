@@ -4,7 +4,9 @@ Two real GlusterFS volumes are the two shares of one mount (a Cinder shares file
 process of share A is stopped with SIGSTOP, as a hung NAS under a hard mount, while a read of a
 volume on A is in flight. Meanwhile a volume on share B keeps serving reads, writes and fsyncs,
 and `ls MNT/volumes`, `stat`, `df` and `vfsnap status` answer, the last saying that share A is
-not answering. After SIGCONT the waiting read completes with the right bytes.
+not answering; taking or deleting a snapshot of the volume on A, truncating or renaming it fail at
+once with EAGAIN. After SIGCONT the waiting read completes with the right bytes, and the volume on A
+can be snapshotted again.
 
 Every call on the mount runs on a helper thread with a deadline, so that a regression fails
 the test instead of hanging it; the brick is always continued in a `finally`.
@@ -12,6 +14,7 @@ the test instead of hanging it; the brick is always continued in a `finally`.
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -77,9 +80,10 @@ TIMES: list[tuple[str, float]] = []
 
 def within(what: str, fn, timeout: float = DEADLINE):
     started = time.monotonic()
-    result = Call(fn).wait(timeout, what)
-    TIMES.append((what, time.monotonic() - started))
-    return result
+    try:
+        return Call(fn).wait(timeout, what)
+    finally:
+        TIMES.append((what, time.monotonic() - started))
 
 
 def pread_direct(fd: int, offset: int, length: int) -> bytes:
@@ -141,6 +145,7 @@ def test_a_hung_share_stalls_only_its_own_volumes(gluster_volume, second_gluster
     os.statvfs(mnt.path)
     assert {s["answering"] for s in status_of(mnt.path)["shares"]} == {True}
     assert read_direct(mnt.volume("va"), 0, 64 * KiB) == expected_a[: 64 * KiB]
+    os.mkdir(mnt.path / "snapshots" / "va" / "before-hang")
 
     hung_offset = 5 * MiB + 12 * KiB  # not read before: nothing of it is cached anywhere
     # Open before the hang, as a hypervisor holds its disk open (opening a volume of a share
@@ -176,6 +181,17 @@ def test_a_hung_share_stalls_only_its_own_volumes(gluster_volume, second_gluster
             assert time.monotonic() < deadline, f"status never said share A hangs: {status['shares']}"
             time.sleep(0.1)
         assert sorted(v["name"] for v in status["volumes"]) == ["va", "vb"]
+
+        # Changes of va's chain and size would make their calls on the share from the request
+        # loop: they fail with EAGAIN at once instead of stalling the mount; vb still answers.
+        for what, change in (("mkdir snapshot of va", lambda: os.mkdir(mnt.path / "snapshots" / "va" / "while-hung")),
+                             ("truncate va", lambda: os.truncate(mnt.volume("va"), 16 * MiB)),
+                             ("rename va", lambda: os.rename(mnt.volume("va"), mnt.volume("va2"))),
+                             ("rmdir snapshot of va", lambda: os.rmdir(mnt.path / "snapshots" / "va" / "before-hang"))):
+            with pytest.raises(OSError) as failed:
+                within(what, change)
+            assert failed.value.errno == errno.EAGAIN, f"{what}: {failed.value}"
+        assert within("read vb after", lambda: read_direct(mnt.volume("vb"), 0, 4 * KiB)) == expected_b_block
         assert not hung_read.done, "the read of the hung share finished before SIGCONT"
     finally:
         os.kill(pid, signal.SIGCONT)
@@ -190,3 +206,26 @@ def test_a_hung_share_stalls_only_its_own_volumes(gluster_volume, second_gluster
         time.sleep(0.1)
     assert read_direct(mnt.volume("va"), 0, 8 * MiB) == expected_a
     assert read_direct(mnt.volume("vb"), 3 * MiB + 4 * KiB, 4 * KiB) == payload
+    # Nothing of the refused changes happened; the same changes work now.
+    assert "while-hung" not in os.listdir(mnt.path / "snapshots" / "va")
+    assert "before-hang" in os.listdir(mnt.path / "snapshots" / "va")
+    assert sorted(os.listdir(mnt.path / "volumes")) == ["va", "vb"]
+    assert os.stat(mnt.volume("va")).st_size == 8 * MiB
+    os.mkdir(mnt.path / "snapshots" / "va" / "after-hang")
+    assert read_direct(mnt.path / "snapshots" / "va" / "after-hang" / "va", 0, 8 * MiB) == expected_a
+    os.rmdir(mnt.path / "snapshots" / "va" / "before-hang")
+    assert read_direct(mnt.volume("va"), 0, 8 * MiB) == expected_a
+
+    # Share A hangs again, with a file of va open and nothing of A in flight. Closing the file
+    # gives its locks back on the share (a call the loop must not wait for): the close returns
+    # and vb still answers; the locks are given back once A answers.
+    fd_a = os.open(mnt.volume("va"), os.O_RDONLY | os.O_DIRECT)
+    assert pread_direct(fd_a, 0, 4 * KiB) == expected_a[: 4 * KiB]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        within("close va", lambda: os.close(fd_a))
+        assert within("read vb meanwhile", lambda: read_direct(mnt.volume("vb"), 0, 4 * KiB)) == expected_b_block
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    print("share A hung again: " + ", ".join(f"{what} {seconds:.3f} s" for what, seconds in TIMES[-2:]))
+    assert read_direct(mnt.volume("va"), 0, 8 * MiB) == expected_a

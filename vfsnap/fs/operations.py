@@ -673,6 +673,7 @@ class VfsnapOperations(pyfuse3.Operations):
                 await trio.sleep(interval)
                 await self._flush_dirty_volumes()
                 try:
+                    self.pool.settle_releases()
                     self.pool.retry_unfinished()
                     await self._finish_journals()
                 except Exception:  # noqa: BLE001 - keep flushing the other volumes next time

@@ -43,7 +43,7 @@ import attrs
 import trio
 
 from vfsnap.chain.view import ZERO_FD, View
-from vfsnap.errors import AlreadyExists, Busy, CorruptRecord, NoSpace, NotFound, ReadOnly, VfsnapError
+from vfsnap.errors import AlreadyExists, Busy, CorruptRecord, NoSpace, NotFound, ReadOnly, ShareNotAnswering, VfsnapError
 from vfsnap.format import UNALLOCATED, Qcow2Image
 from vfsnap.format.create import create_qcow2
 from vfsnap.names import SIDECAR_SUFFIX, TEMP_PREFIX, check_volume_name, info_file, is_snapshot_name, sidecar_file
@@ -275,7 +275,7 @@ async def run_copy(volume, *, retry_seconds: float = 5.0, on_done=None) -> None:
                     if on_done is not None:
                         on_done(entry)
                     return
-            except Busy as exc:
+            except (Busy, ShareNotAnswering) as exc:  # another host's change; a hung share
                 log.info("%s: %s; clone copy retried in %s s", volume.name, exc, retry_seconds)
                 await trio.sleep(retry_seconds)
                 continue

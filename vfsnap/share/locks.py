@@ -119,6 +119,8 @@ class ChainChange:
 
     async def __aenter__(self):
         volume = self.volume
+        what = f"change of {volume.name}"
+        volume.share.check_answering(what)  # EAGAIN at once rather than wait for a hung share
         await volume.chain_lock.acquire()
         try:
             if self.quiesce is not None:
@@ -127,6 +129,8 @@ class ChainChange:
             volume.chain_lock.release()
             raise
         try:
+            # Again: waiting for the lock and for the requests in flight may have taken long.
+            volume.share.check_answering(what)
             if volume.share.read_only:
                 return self
             locks = volume.locks

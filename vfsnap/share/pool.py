@@ -181,6 +181,14 @@ class Pool:
         for share in self.shares:
             share.flush_all()
 
+    def settle_releases(self) -> None:
+        """Locks and descriptors that closes on a share not answering left held
+        (`Volume.settle_releases`), given back once it answers."""
+        for share in self.shares:
+            for volume in share.open_volumes():
+                if volume.release_pending:
+                    volume.settle_releases()
+
     def dirty_volumes(self) -> list[Volume]:
         """Open volumes with writes not yet written back (the periodic background flush)."""
         return [v for share in self.shares for v in share.open_volumes() if v.dirty]

@@ -75,6 +75,15 @@ class Share:
     def read_only(self) -> bool:
         return self.options.read_only
 
+    def check_answering(self, what: str) -> None:
+        """Raise ShareNotAnswering (EAGAIN) if the share is not answering, or does not answer a
+        `stat` of its directory within `io.ANSWER_WAIT`. Chain changes and resizes make their
+        calls on the share from the loop: started on a share that hangs, they would stall every
+        volume of the mount, so they ask first (a hang in the middle of one still stalls it:
+        docs/design-notes.md, "Still on the loop")."""
+        if self.io.threaded:
+            self.io.answer(what, os.stat, self.path)
+
     def close(self) -> None:
         for volume in self._volumes.values():
             try:

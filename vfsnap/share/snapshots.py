@@ -28,7 +28,7 @@ import trio
 
 from vfsnap.chain.merge import Merge
 from vfsnap.chain.view import View
-from vfsnap.errors import AlreadyExists, Busy, CorruptImage, NotFound, ReadOnly, VfsnapError
+from vfsnap.errors import AlreadyExists, Busy, CorruptImage, NotFound, ReadOnly, ShareNotAnswering, VfsnapError
 from vfsnap.format.create import create_qcow2
 from vfsnap.names import check_snapshot_name, overlay_file
 from vfsnap.share.locks import ChainChange
@@ -153,7 +153,7 @@ async def run_pending(volume, *, retry_seconds: float = 5.0) -> None:
                     if not entries:
                         return
                     await _run_entry(volume, entries[0])
-            except Busy as exc:
+            except (Busy, ShareNotAnswering) as exc:  # another host's change; a hung share
                 log.info("%s: %s; merge retried in %s s", volume.name, exc, retry_seconds)
                 await trio.sleep(retry_seconds)
     except VfsnapError as exc:

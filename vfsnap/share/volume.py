@@ -133,6 +133,7 @@ class Volume:
         self._snapshot_views: dict[str, View] = {}
         self.open_count = 0
         self.writers = 0
+        self.release_pending = False  # `settle_releases` has work a hung share held up
         self.open_snapshots: Counter[str] = Counter()
         self.locks = VolumeLocks(share.dir, name)
         self.chain_changing = False  # set by ChainChange while it holds the share's locks
@@ -509,8 +510,11 @@ class Volume:
             self.forget_stale_images()
 
     async def resize_async(self, new_size: int) -> None:
-        """`resize`, with the volume's requests held back (rule 6)."""
+        """`resize`, with the volume's requests held back (rule 6); EAGAIN on a share that does
+        not answer (`Share.check_answering`)."""
+        self.share.check_answering(f"resize of {self.name}")
         async with self.gate.quiesced():
+            self.share.check_answering(f"resize of {self.name}")
             self.resize(new_size)
 
     @property
@@ -617,6 +621,7 @@ class Volume:
     # -- lifetime -------------------------------------------------------------------------
 
     def opened(self, snapshot: str | None = None, *, writing: bool = False) -> None:
+        self.settle_releases()  # what closes left to do, first (a no-op unless a share hung)
         if writing and not self.writers and not self.share.read_only:
             self.locks.acquire_writer()  # EBUSY while another host writes it
         if not self.writers:
@@ -689,12 +694,32 @@ class Volume:
         self.open_count -= 1
         if writing:
             self.writers -= 1
-            if not self.writers and not self.chain_lock.locked():
-                self.locks.release_writer()
         if snapshot is not None:
             self.open_snapshots[snapshot] -= 1
             if not self.open_snapshots[snapshot]:
                 del self.open_snapshots[snapshot]
+        self.release_pending = True
+        self.settle_releases()
+
+    def settle_releases(self) -> None:
+        """What closing files leaves to do on the share: give the writer lock back when nobody
+        writes here any more, close the images retired meanwhile, bring QEMU's locks in line.
+
+        Each is a call on the share (an unlock, a close) made from the loop, which a share that
+        hangs would never answer, stalling the mount: on a share that does not answer
+        (`Share.check_answering`), they wait for the next open of the volume or the next
+        background pass (`Pool.settle_releases`). Until then the volume stays locked as while
+        it was open, which keeps other hosts and QEMU out a little longer and loses nothing."""
+        if not self.release_pending:
+            return
+        try:
+            self.share.check_answering(f"close of {self.name}")
+        except ShareNotAnswering as exc:
+            log.info("%s: locks and descriptors given back later: %s", self.name, exc)
+            return
+        self.release_pending = False
+        if not self.writers and not self.chain_lock.locked():
+            self.locks.release_writer()  # nothing when not held
         if not self.open_count:
             self.images.close_retired()
         self.sync_qemu_locks()
