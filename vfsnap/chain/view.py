@@ -372,7 +372,10 @@ class View:
     def read_cached(self, offset: int, length: int):
         """`read(transient=True)` if it can be answered without waiting for the share: from the
         resolved maps and the page cache (preadv with RWF_NOWAIT). None when it cannot: a
-        table not in memory, data not in the page cache, a compressed cluster."""
+        table not in memory, data not in the page cache, a compressed cluster, a share that
+        refuses RWF_NOWAIT (GlusterFS: then the page cache is never asked)."""
+        if not self.nowait:
+            return None
         size = self._size
         if offset >= size or length <= 0:
             return b""
@@ -382,7 +385,7 @@ class View:
             fd, host = one
             if fd >= 0:
                 target = _shared_buffer(end - offset)
-                if self.nowait and self._preadv_nowait(fd, target, host):
+                if self._preadv_nowait(fd, target, host):
                     return target
                 return None
             if fd == ZERO_FD:
@@ -394,10 +397,6 @@ class View:
             return None
         if len(extents) == 1 and extents[0][2] == ZERO_FD:
             return bytes(end - offset)
-        if not self.nowait:
-            for extent in extents:
-                if extent[2] >= 0 or extent[2] == COMPRESSED_FD:
-                    return None
         target = _shared_buffer(end - offset)
         for start, stop, fd, host in extents:
             piece = target[start - offset : stop - offset]
@@ -742,8 +741,9 @@ def _merge_extents(extents: list[tuple[int, int, int, object]]) -> list[tuple[in
 
 def _split_extents(extents: list[tuple[int, int, int, object]], most: int,
                    least: int) -> list[list[tuple[int, int, int, object]]]:
-    """`extents` in consecutive parts of about equal data to read (zeros cost no call), at most
-    `most` parts, none with less than `least` bytes of data; one part when not worth it."""
+    """`extents` in consecutive parts of about equal data to read (zeros cost no call): at most
+    `most` parts, each but the last with at least `least` bytes of data; one part when the data
+    is less than twice `least`."""
     data = sum(stop - start for start, stop, fd, _ in extents if fd >= 0)
     count = min(most, data // least)
     if count <= 1:

@@ -402,10 +402,9 @@ class VfsnapOperations(pyfuse3.Operations):
         # other requests go on meanwhile (vfsnap/share/io.py).
         try:
             handle = self._handles[fh]
-            if handle.view.nowait:  # else (GlusterFS) the page cache cannot answer
-                data = handle.view.read_cached(off, size)
-                if data is not None:
-                    return data
+            data = handle.view.read_cached(off, size)
+            if data is not None:
+                return data
             return await handle.volume.read(handle.view, off, size)
         except Exception as exc:  # noqa: BLE001 - error boundary
             handle = self._handles.get(fh)
