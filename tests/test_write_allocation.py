@@ -490,3 +490,53 @@ def test_writes_under_a_tiny_memory_budget_stay_consistent(share, tmp_path, vfsn
     result = check(share / "vol.s1")
     assert result["exit"] == 0, {k: result[k] for k in result if k != "stderr"} | {"stderr": result["stderr"][:500]}
     assert flat_bytes(share / "vol.s1", tmp_path) == expected
+
+
+# -- overwrites in place: one write per run of host-contiguous clusters ---------------------------
+
+
+def test_an_overwrite_is_one_write_per_run_of_host_contiguous_clusters(tmp_path):
+    """A write over clusters the image owns goes to the share as one write per run of clusters
+    whose host clusters follow each other (a 1 MiB overwrite on a network share: one round trip,
+    not sixteen); clusters allocated in the opposite order are each written at their own place.
+    The bytes are QEMU's: the same writes by qemu-io on a copy, `qemu-img compare`."""
+    from vfsnap.chain.view import View
+    from vfsnap.format.cache import TableCache
+    from vfsnap.format.qcow2 import Qcow2Image
+
+    cluster = 64 * KiB
+    path, copy = tmp_path / "vol.qcow2", tmp_path / "copy.qcow2"
+    create(path, 4 * MiB)
+    shutil.copyfile(path, copy)
+    # Clusters 0-7 in one write (host clusters in guest order), 15 down to 8 one by one (host
+    # clusters in the opposite order), then an unaligned overwrite of all sixteen.
+    writes = [(0, 8 * cluster, 0x01)] + [(c * cluster, cluster, 0x10 + c) for c in range(15, 7, -1)]
+    overwrite = (1000, 16 * cluster - 2000, 0x42)
+    image = Qcow2Image(os.open(path, os.O_RDWR), path.name, writable=True, table_cache=TableCache())
+    try:
+        view = View([image], name=path.name)
+        for offset, length, pattern in writes:
+            view.write(offset, bytes([pattern]) * length)
+        image.flush()
+        hosts = [image.in_place_offset(c * cluster, cluster) for c in range(16)]
+        assert all(hosts[c + 1] == hosts[c] + cluster for c in range(7))
+        assert all(hosts[c + 1] == hosts[c] - cluster for c in range(8, 15))
+        made = []
+        write_in_place = image.write_in_place
+
+        def counted(host, data):
+            made.append((host, len(data)))
+            write_in_place(host, data)
+
+        image.write_in_place = counted
+        offset, length, pattern = overwrite
+        assert view.write(offset, bytes([pattern]) * length) == length
+        assert made == [(hosts[0] + 1000, 8 * cluster - 1000)] + [(hosts[c], cluster) for c in range(8, 15)] \
+            + [(hosts[15], cluster - 1000)]
+        image.close_writes()
+    finally:
+        image.close()
+    for offset, length, pattern in writes + [overwrite]:
+        qemu_io(copy, f"write -P {pattern} {offset} {length}")
+    assert check(path)["exit"] == 0
+    qemu_img("compare", "-f", "qcow2", "-F", "qcow2", str(path), str(copy))

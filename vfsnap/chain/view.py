@@ -578,6 +578,15 @@ class View:
         cluster = offset >> cb
         last = (end - 1) >> cb
         run_start = None  # first cluster of a run that needs new clusters
+        # A run of clusters overwritten in place whose host clusters follow each other is one
+        # write (as QEMU's qcow2 driver makes it): a 1 MiB overwrite is one round trip to the
+        # share, not sixteen. (host, guest start, guest end) of the run, or None.
+        in_place = None
+
+        def overwrite(run: tuple[int, int, int]) -> None:
+            host, lo, hi = run
+            top.write_in_place(host, data[lo - offset : hi - offset])
+
         while cluster <= last:
             c_start = cluster << cb
             lo, hi = max(offset, c_start), min(end, c_start + cs)
@@ -586,10 +595,21 @@ class View:
                 if run_start is not None:
                     self._allocate_run(top, run_start, cluster, offset, data, patches)
                     run_start = None
-                top.write_in_place(host, data[lo - offset : hi - offset])
-            elif run_start is None:
-                run_start = cluster
+                if in_place is not None and in_place[0] + (in_place[2] - in_place[1]) == host:
+                    in_place = (in_place[0], in_place[1], hi)
+                else:
+                    if in_place is not None:
+                        overwrite(in_place)
+                    in_place = (host, lo, hi)
+            else:
+                if in_place is not None:
+                    overwrite(in_place)
+                    in_place = None
+                if run_start is None:
+                    run_start = cluster
             cluster += 1
+        if in_place is not None:
+            overwrite(in_place)
         if run_start is not None:
             self._allocate_run(top, run_start, last + 1, offset, data, patches)
 
