@@ -6,7 +6,9 @@ volume on A is in flight. Meanwhile a volume on share B keeps serving reads, wri
 and `ls MNT/volumes`, `stat`, `df` and `vfsnap status` answer, the last saying that share A is
 not answering; taking or deleting a snapshot of the volume on A, truncating or renaming it fail at
 once with EAGAIN. After SIGCONT the waiting read completes with the right bytes, and the volume on A
-can be snapshotted again.
+can be snapshotted again. Stopped a second time, with nothing of A in flight (so that the mount
+has not noticed yet): closing a file of the volume on A returns, a snapshot of it fails with
+EAGAIN after asking A (0.5 s at most), and B still answers.
 
 Every call on the mount runs on a helper thread with a deadline, so that a regression fails
 the test instead of hanging it; the brick is always continued in a `finally`.
@@ -224,8 +226,15 @@ def test_a_hung_share_stalls_only_its_own_volumes(gluster_volume, second_gluster
     os.kill(pid, signal.SIGSTOP)
     try:
         within("close va", lambda: os.close(fd_a))
+        # Nothing of A was in flight, so the mount does not know yet that A hangs: a snapshot
+        # asks A first (a `stat` of its directory, 0.5 s at most) and fails, rather than making
+        # its calls on A from the loop.
+        with pytest.raises(OSError) as failed:
+            within("mkdir snapshot of va", lambda: os.mkdir(mnt.path / "snapshots" / "va" / "hung-again"))
+        assert failed.value.errno == errno.EAGAIN, failed.value
         assert within("read vb meanwhile", lambda: read_direct(mnt.volume("vb"), 0, 4 * KiB)) == expected_b_block
     finally:
         os.kill(pid, signal.SIGCONT)
-    print("share A hung again: " + ", ".join(f"{what} {seconds:.3f} s" for what, seconds in TIMES[-2:]))
+    print("share A hung again: " + ", ".join(f"{what} {seconds:.3f} s" for what, seconds in TIMES[-3:]))
     assert read_direct(mnt.volume("va"), 0, 8 * MiB) == expected_a
+    assert "hung-again" not in os.listdir(mnt.path / "snapshots" / "va")
