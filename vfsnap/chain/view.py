@@ -580,36 +580,31 @@ class View:
         run_start = None  # first cluster of a run that needs new clusters
         # A run of clusters overwritten in place whose host clusters follow each other is one
         # write (as QEMU's qcow2 driver makes it): a 1 MiB overwrite is one round trip to the
-        # share, not sixteen. (host, guest start, guest end) of the run, or None.
+        # share, not sixteen. (host, guest) offsets where the open run starts; it reaches `lo`.
         in_place = None
 
-        def overwrite(run: tuple[int, int, int]) -> None:
-            host, lo, hi = run
-            top.write_in_place(host, data[lo - offset : hi - offset])
+        def overwrite(stop: int) -> None:
+            host, start = in_place
+            top.write_in_place(host, data[start - offset : stop - offset])
 
         while cluster <= last:
             c_start = cluster << cb
             lo, hi = max(offset, c_start), min(end, c_start + cs)
             host = top.in_place_offset(lo, hi - lo)
+            if in_place is not None and (host is None or in_place[0] + (lo - in_place[1]) != host):
+                overwrite(lo)
+                in_place = None
             if host is not None:
                 if run_start is not None:
                     self._allocate_run(top, run_start, cluster, offset, data, patches)
                     run_start = None
-                if in_place is not None and in_place[0] + (in_place[2] - in_place[1]) == host:
-                    in_place = (in_place[0], in_place[1], hi)
-                else:
-                    if in_place is not None:
-                        overwrite(in_place)
-                    in_place = (host, lo, hi)
-            else:
-                if in_place is not None:
-                    overwrite(in_place)
-                    in_place = None
-                if run_start is None:
-                    run_start = cluster
+                if in_place is None:
+                    in_place = (host, lo)
+            elif run_start is None:
+                run_start = cluster
             cluster += 1
         if in_place is not None:
-            overwrite(in_place)
+            overwrite(end)
         if run_start is not None:
             self._allocate_run(top, run_start, last + 1, offset, data, patches)
 
