@@ -540,3 +540,56 @@ def test_an_overwrite_is_one_write_per_run_of_host_contiguous_clusters(tmp_path)
         qemu_io(copy, f"write -P {pattern} {offset} {length}")
     assert check(path)["exit"] == 0
     qemu_img("compare", "-f", "qcow2", "-F", "qcow2", str(path), str(copy))
+
+
+def test_a_table_read_before_a_write_back_is_not_cached_over_it(tmp_path, monkeypatch):
+    """Two threads may load one image's L2 table at once (a merge's copy resolving through the
+    live image on a share's thread while a write of that image runs on another). A copy read
+    from the file before the writer changed the table and wrote it back must not replace the
+    written-back table in the cache, or the image would later be read without the new cluster.
+    The reader is held right after its read until the writer has flushed: the interleaving that
+    the table's epoch guards against (vfsnap/share/io.py rule 1)."""
+    import threading
+
+    import vfsnap.format.qcow2 as qcow2
+    from vfsnap.chain.view import View
+    from vfsnap.format import DATA, UNALLOCATED
+    from vfsnap.format.cache import TableCache
+
+    cluster = 64 * KiB
+    path = tmp_path / "vol.qcow2"
+    create(path, 4 * MiB)
+    qemu_io(path, f"write -P 0x11 0 {cluster}")  # an L2 table on the file, naming cluster 0 only
+    image = qcow2.Qcow2Image(os.open(path, os.O_RDWR), path.name, writable=True, table_cache=TableCache())
+    read_done, go_on = threading.Event(), threading.Event()
+    real_pread = qcow2.pread_full
+    reader_thread: list[threading.Thread] = []
+
+    def held_pread(fd, length, offset):
+        data = real_pread(fd, length, offset)
+        if threading.current_thread() in reader_thread:
+            read_done.set()
+            assert go_on.wait(30)
+        return data
+
+    monkeypatch.setattr(qcow2, "pread_full", held_pread)
+    try:
+        seen: list = []
+        reader = threading.Thread(target=lambda: seen.extend(image.map_range(0, 2 * cluster)))
+        reader_thread.append(reader)
+        reader.start()
+        assert read_done.wait(30), "the reader did not load the table"
+        # The writer (this thread): the table is loaded again, changed, and written back.
+        View([image], name=path.name).write(cluster, b"\x22" * cluster)
+        image.flush()
+        go_on.set()
+        reader.join(30)
+        assert [(s, e, kind) for s, e, kind, _ in seen] == [(0, cluster, DATA), (cluster, 2 * cluster, UNALLOCATED)]
+        # (what the reader saw: the table as it was before the write)
+        kinds = [(s, e, kind) for s, e, kind, _ in image.map_range(0, 2 * cluster)]
+        assert kinds == [(0, 2 * cluster, DATA)], "the stale copy replaced the written-back table in the cache"
+        image.close_writes()
+    finally:
+        go_on.set()
+        image.close()
+    assert check(path)["exit"] == 0

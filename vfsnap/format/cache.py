@@ -140,6 +140,13 @@ class TableCache:
             self._bytes += nbytes
             self._shrink(keep=1)
 
+    def put_if(self, owner: int, offset: int, table: object, nbytes: int, current) -> None:
+        """`put`, if `current()` still holds at that moment (tested under the lock that every
+        other thread's `put` takes too)."""
+        with self._lock:
+            if current():
+                self.put(owner, offset, table, nbytes)
+
     def discard(self, owner: int, offset: int) -> None:
         with self._lock:
             item = self._tables.pop((owner, offset), None)

@@ -198,8 +198,8 @@ class Qcow2Image(Qcow2Writer, Image):
         self._pin(header.l1_size * 8)
         self.l1 = self._load_l1()
         self._metadata_clusters = self._find_metadata_clusters()
+        self._table_epoch += 1  # first: a load in flight on another thread must not cache its copy
         self._cache.discard_owner(self._cache_owner)
-        self._table_epoch += 1
         self._last_compressed = None
         if self._refcounts is not None:
             self._refcounts.release()
@@ -233,10 +233,16 @@ class Qcow2Image(Qcow2Writer, Image):
             known = _loop_state.loaded.get((self, l2_offset))
             if known is None or known[0] != self._table_epoch or self.closed:
                 raise TableMissing(self, l2_offset, l1_index)
-            table = known[1]
+            epoch, table = known
         else:
+            epoch = self._table_epoch
             table = table_from_bytes(pread_full(self.fd, cs, l2_offset))
-        self._cache.put(self._cache_owner, l2_offset, table, cs)
+        # Cached only if no table of this image became dirty or was written back since the read
+        # began: another thread (the write lock's holder, a merge's copy) may have changed this
+        # one meanwhile, and our copy would then hide its change from every later lookup. The
+        # check and the insertion are one step under the cache's lock; the writer moves the
+        # epoch on before it caches what it wrote back.
+        self._cache.put_if(self._cache_owner, l2_offset, table, cs, lambda: self._table_epoch == epoch)
         return table
 
     # -- mapping --------------------------------------------------------------------------
