@@ -10,6 +10,9 @@ can be snapshotted again. Stopped a second time, with nothing of A in flight (so
 has not noticed yet): closing a file of the volume on A returns, a snapshot of it fails with
 EAGAIN after asking A (0.5 s at most), and B still answers.
 
+A second test stops share A in the middle of a merge (the background copy of a deleted
+snapshot's overlay into the file below it): the merge waits for A, and nothing else does.
+
 Every call on the mount runs on a helper thread with a deadline, so that a regression fails
 the test instead of hanging it; the brick is always continued in a `finally`.
 """
@@ -17,6 +20,7 @@ the test instead of hanging it; the brick is always continued in a `finally`.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import mmap
 import os
@@ -31,7 +35,7 @@ import pytest
 
 from tests.conftest import ROOT, requires_fuse
 from tests.gluster import brick_pid, create_volume, mount_client, remove_volume
-from tests.qemu import flat_bytes, make_chain, qemu_io
+from tests.qemu import check, flat_bytes, make_chain, qemu_io
 from tests.test_gluster_basic import host_bases  # noqa: F401 (fixture)
 
 pytestmark = [requires_fuse, pytest.mark.gluster]
@@ -238,3 +242,101 @@ def test_a_hung_share_stalls_only_its_own_volumes(gluster_volume, second_gluster
     print("share A hung again: " + ", ".join(f"{what} {seconds:.3f} s" for what, seconds in TIMES[-3:]))
     assert read_direct(mnt.volume("va"), 0, 8 * MiB) == expected_a
     assert "hung-again" not in os.listdir(mnt.path / "snapshots" / "va")
+
+
+def merge_progress(mountpoint: Path) -> tuple[int, int] | None:
+    """(done, total) of the running merge, from the status the mount answers through its
+    control file (what `vfsnap status` reads; no process started, so that it can be polled)."""
+    status = json.loads(os.getxattr(mountpoint / ".vfsnap", "user.vfsnap.status"))
+    for op in status["operations"]:
+        if op.get("state") == "merging":
+            return op["done"], op["total"]
+    return None
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(4 * MiB):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def test_a_merge_on_a_share_that_hangs_stalls_only_the_merge(gluster_volume, second_gluster_volume,  # noqa: F811
+                                                             host_bases, vfsnap_mount, tmp_path):
+    """Deleting snapshot s1 of va merges its overlay (256 MiB of data) into the base, in the
+    background, on share A's threads. A stops answering in the middle of the copy: the merge
+    waits, the mount does not (vb is read, written and synced; listing, stat, df and status
+    answer, status showing the merge where it stopped). After SIGCONT the merge finishes: the
+    live volume and snapshot s2 hold what they held, the overlay is gone, QEMU checks the images.
+    Before the merge's copy ran on the share's threads, the stop stalled the whole mount."""
+    share_a, share_b = gluster_volume, second_gluster_volume
+    client_a, client_b = tmp_path / "client-a", tmp_path / "client-b"
+    mount_client(share_a, client_a)
+    mount_client(share_b, client_b)
+
+    def fill(level, path, fmt):
+        if level == 1:
+            qemu_io(path, "write -P 0x41 0 256M", fmt=fmt)  # what the merge copies
+        else:
+            qemu_io(path, f"write -P {0x30 + level} {level * 64}M 3M", fmt=fmt)
+
+    try:
+        names_a = make_chain(client_a, "va", size=384 * MiB, depth=2, base_fmt="qcow2", writes=fill)
+        make_chain(client_b, "vb", size=8 * MiB, depth=1, base_fmt="qcow2", writes=_fill)
+        live_a = hashlib.sha256(flat_bytes(client_a / names_a[-1], tmp_path)).hexdigest()
+        s2_a = hashlib.sha256(flat_bytes(client_a / names_a[1], tmp_path)).hexdigest()
+    finally:
+        for client in (client_a, client_b):
+            subprocess.run(["umount", str(client)], capture_output=True, check=False)
+
+    shares = tmp_path / "glusterfs_shares"
+    shares.write_text(f"{share_a.spec}\n{share_b.spec}\n")
+    mnt = vfsnap_mount(f"share_type=glusterfs,shares_config={shares},mount_base={host_bases[0]}",
+                       path=tmp_path / "mnt", spec="glusterfs-shares")
+    expected_b_block = read_direct(mnt.volume("vb"), 0, 4 * KiB)
+    assert expected_b_block == bytes([0x31]) * (4 * KiB)
+    os.rmdir(mnt.path / "snapshots" / "va" / "s1")
+    deadline = time.monotonic() + 60
+    while (progress := merge_progress(mnt.path)) is None or progress[0] == 0:
+        assert time.monotonic() < deadline, f"the merge did not start copying: {progress}"
+        time.sleep(0.005)
+    pid = brick_pid(share_a.name)
+    os.kill(pid, signal.SIGSTOP)
+    started = len(TIMES)
+    try:
+        time.sleep(0.5)  # the step in flight reaches the share and waits
+        payload = bytes(range(256)) * 16
+        within("merge: read vb", lambda: read_direct(mnt.volume("vb"), 0, 4 * KiB))
+        within("merge: write+fsync vb", lambda: write_direct_and_fsync(mnt.volume("vb"), 2 * MiB, payload))
+        assert within("merge: read back vb", lambda: read_direct(mnt.volume("vb"), 2 * MiB, 4 * KiB)) == payload
+        assert sorted(within("merge: ls volumes", lambda: os.listdir(mnt.path / "volumes"))) == ["va", "vb"]
+        assert within("merge: stat va", lambda: os.stat(mnt.volume("va"))).st_size == 384 * MiB
+        assert within("merge: df", lambda: os.statvfs(mnt.path)).f_blocks > 0
+        done, total = within("merge: status", lambda: merge_progress(mnt.path))
+        assert 0 < done < total, f"the merge was not stopped in the middle: {done} of {total}"
+        time.sleep(1.5)  # longer than a share call may take before the share counts as hung
+        assert within("merge: status again", lambda: merge_progress(mnt.path)) == (done, total), \
+            "the merge went on while share A was stopped"
+        shares_status = within("merge: vfsnap status", lambda: status_of(mnt.path))["shares"]
+        assert [s["answering"] for s in shares_status] == [False, True], shares_status
+        assert within("merge: read vb after", lambda: read_direct(mnt.volume("vb"), 0, 4 * KiB)) == expected_b_block
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    print("while share A hung mid-merge: " + ", ".join(f"{what} {seconds:.3f} s" for what, seconds in TIMES[started:]))
+
+    subprocess.run([sys.executable, "-m", "vfsnap", "sync", str(mnt.path), "--timeout", "300"],
+                   cwd=ROOT, check=True, timeout=360)
+    assert merge_progress(mnt.path) is None
+    assert sorted(os.listdir(mnt.path / "snapshots" / "va")) == ["latest", "s2"]
+    assert sha256_of(mnt.volume("va")) == live_a
+    assert sha256_of(mnt.path / "snapshots" / "va" / "s2" / "va") == s2_a
+    assert read_direct(mnt.volume("vb"), 2 * MiB, 4 * KiB) == payload
+    mnt.stop()
+    mount_client(share_a, client_a)
+    try:
+        assert sorted(n for n in os.listdir(client_a) if not n.endswith((".info", ".json"))) == ["va", "va.s2"]
+        for name in ("va", "va.s2"):
+            assert check(client_a / name)["exit"] == 0, name
+    finally:
+        subprocess.run(["umount", str(client_a)], capture_output=True, check=False)

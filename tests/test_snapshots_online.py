@@ -93,11 +93,14 @@ def test_snapshots_of_a_volume_being_written_are_prefixes(share, vfsnap_mount):
     assert assert_prefix(mnt.volume("vol").read_bytes(), total=total) == total
 
 
+@pytest.mark.parametrize("share_io", ["inline", "threads"])
 @pytest.mark.parametrize("position", ["only", "oldest", "middle", "newest"])
-def test_deleting_a_snapshot_while_writing_keeps_every_other_view(share, vfsnap_mount, position):
+def test_deleting_a_snapshot_while_writing_keeps_every_other_view(share, vfsnap_mount, position, share_io):
+    """`share_io=threads`: the writes and the merge's copy run on the share's threads, side by
+    side (as on a network share)."""
     total = 1200
     make_chain(share, "vol", size=total * BLOCK, depth=0)
-    mnt = vfsnap_mount()
+    mnt = vfsnap_mount(f"share_io={share_io}")
     names = ["only"] if position == "only" else ["a", "b", "c"]
     contents = {}
     writer = Writer(mnt.volume("vol"), total)

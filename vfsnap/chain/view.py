@@ -539,15 +539,13 @@ class View:
             data = memoryview(data)[:length]
         if not self.top.writable:
             raise ReadOnly(f"{self.name}: read-only view")
-        patches = await self.io.run("write", self._write_on_worker, offset, data)
-        for start, end, fd, host in patches:
-            self._patch(start, end, fd, host)
+        self.apply_patches(await self.io.run("write", self.write_on_worker, offset, data))
         if self.observers:
             for observer in self.observers:
                 observer(offset, length)
         return length
 
-    def _write_on_worker(self, offset: int, data) -> list[tuple[int, int, int, int]]:
+    def write_on_worker(self, offset: int, data) -> list[tuple[int, int, int, int]]:
         """The body of `write` for a worker thread: touches the top image, never the chunks;
         returns the extents the loop patches in. Copy-on-write reads resolve the chain afresh."""
         top = self.top
@@ -562,7 +560,7 @@ class View:
         self._write_qcow2(top, offset, memoryview(data), patches)
         return patches
 
-    def _read_resolved(self, offset: int, length: int) -> memoryview:
+    def read_resolved(self, offset: int, length: int) -> memoryview:
         """Bytes of the view resolved from the images' tables, not from this view's chunks
         (for a worker thread; short only at the end of the disk)."""
         end = min(offset + length, self._size)
@@ -624,7 +622,7 @@ class View:
             else:
                 self._patch(run_start, run_end, top.fd, host)
             return
-        read = self.read if patches is None else self._read_resolved
+        read = self.read if patches is None else self.read_resolved
         buffer = bytearray(run_end - run_start)
         if offset > run_start and end < run_end and end - offset < top.cluster_size:
             # A write inside one cluster: both ends in one read, as QEMU's copy-on-write does
@@ -651,27 +649,54 @@ class View:
         end = min(offset + length, self.size)
         if offset >= end:
             return
-        top = self.top
-        if not top.writable:
+        if not self.top.writable:
             raise ReadOnly(f"{self.name}: read-only view")
         for observer in self.observers:
             observer(offset, end - offset)
+        self._write_zeroes(offset, end)
+
+    def write_zeroes_on_worker(self, offset: int, length: int) -> list[tuple[int, int, int, int]]:
+        """`write_zeroes` for a worker thread, as `write_on_worker`: touches the top image, never
+        the chunks, and returns the extents the loop patches in (`apply_patches`)."""
+        patches: list[tuple[int, int, int, int]] = []
+        end = min(offset + length, self._size)
+        if offset < end:
+            self._write_zeroes(offset, end, patches)
+        return patches
+
+    def _write_zeroes(self, offset: int, end: int, patches: list | None = None) -> None:
+        top = self.top
         if isinstance(top, RawImage):
             top.write_zeroes(offset, end - offset)
             return
+
+        def write_zeros(start: int, stop: int) -> None:
+            if patches is None:
+                self.write(start, bytes(stop - start))
+            else:
+                patches.extend(self.write_on_worker(start, bytes(stop - start)))
+
         cb = top.cluster_bits
         first_full = -(-offset >> cb)
         stop_full = end >> cb
         if top.header.version < 3 or first_full >= stop_full:
             # No zero flag (v2) or no whole cluster: write zeros.
-            self.write(offset, bytes(end - offset))
+            write_zeros(offset, end)
             return
         if offset < first_full << cb:
-            self.write(offset, bytes((first_full << cb) - offset))
+            write_zeros(offset, first_full << cb)
         top.zero_clusters(first_full, stop_full - first_full)
-        self._patch(first_full << cb, stop_full << cb, ZERO_FD, 0)
+        if patches is None:
+            self._patch(first_full << cb, stop_full << cb, ZERO_FD, 0)
+        else:
+            patches.append((first_full << cb, stop_full << cb, ZERO_FD, 0))
         if end > stop_full << cb:
-            self.write(stop_full << cb, bytes(end - (stop_full << cb)))
+            write_zeros(stop_full << cb, end)
+
+    def apply_patches(self, patches: list[tuple[int, int, int, int]]) -> None:
+        """On the loop: patch into the chunks what a worker wrote (`write_on_worker`)."""
+        for start, end, fd, host in patches:
+            self._patch(start, end, fd, host)
 
     def _patch(self, start: int, end: int, fd: int, host: int) -> None:
         bits = self._chunk_bits

@@ -5,7 +5,9 @@ Rules (docs/design-notes.md, "Requests in flight"):
 1. The trio thread owns every in-memory structure (views and their chunks, tables, refcounts,
    dirty sets). A worker thread runs only blocking system calls on a share descriptor, or a
    piece of the qcow2 writer while the volume's write lock hands the image's write state to it
-   (`Volume.writing`): never code that touches a view.
+   (`View.write_async`; a clone's copy step), or a merge's copy step, whose target's write state
+   is the merge's alone (`Merge.copy_step`): never code that touches a view's chunks. Tables
+   they load are cached only if the image's tables did not change meanwhile (its epoch).
 2. Each share has its own bounded pool of worker threads (`share_threads`): a share that
    hangs ties up its own threads, never another share's.
 3. A share is *not answering* while one of its calls has been outstanding for longer than

@@ -233,10 +233,9 @@ async def _delete(volume, entry: DeleteEntry) -> None:
         live.observers.append(merge.note_write)
     quiet = None
     try:
-        merge.grow_target()
         rounds = 0
-        while merge.step():
-            await trio.sleep(0)  # let FUSE requests in between steps
+        while await _copy_step(volume, merge):
+            await trio.sleep(0)  # let FUSE requests in between steps (a local share copies inline)
             if child_name is None and merge.pending_bytes < FINAL_COPY_BYTES:
                 rounds += 1
                 if rounds >= MAX_CATCH_UP_ROUNDS or merge.pending_bytes < (1 << 20):
@@ -248,9 +247,7 @@ async def _delete(volume, entry: DeleteEntry) -> None:
         # finish first: vfsnap/share/io.py rule 6): writers wait for this last, short part.
         quiet = volume.gate.quiesced()
         await quiet.__aenter__()
-        if child_name is None:
-            merge.grow_target()
-        merge.finish()
+        await merge.finish_async(volume.share.io)
         if child_name is not None:
             _rebase(volume, child_name, target_name)  # commit point
             volume.write_info(info.without_snapshot(snapshot))
@@ -269,6 +266,19 @@ async def _delete(volume, entry: DeleteEntry) -> None:
                 await quiet.__aexit__(None, None, None)
     volume.rebuild_views()
     _finish_delete(volume, entry)
+
+
+async def _copy_step(volume, merge: Merge) -> bool:
+    """One step of the merge's copy, on one of the share's threads on a network share (a share
+    that hangs stalls the merge, not the mount), counted as a read of the volume in flight: a
+    flush gives back no cluster of the overlay while the step may still be reading it, and no
+    change of the volume replaces a descriptor under it (vfsnap/share/io.py rules 5 and 6).
+    True while something is left to copy."""
+    seq = await volume.gate.enter(read=True)
+    try:
+        return await merge.step_async(volume.share.io)
+    finally:
+        volume.gate.leave(seq)
 
 
 def _rebase(volume, child: str, backing: str) -> None:
