@@ -167,11 +167,14 @@ def test_clone_keeps_its_source_files_until_the_copy_is_done(share, vfsnap_mount
     assert_images_clean(share)
 
 
-def test_clone_of_the_live_volume_under_a_writer_and_a_clone_of_that_clone(share, vfsnap_mount, tmp_path):
+@pytest.mark.parametrize("share_io", ["inline", "threads"])
+def test_clone_of_the_live_volume_under_a_writer_and_a_clone_of_that_clone(share, vfsnap_mount, tmp_path, share_io):
     """The point in time is taken as mkdir takes a snapshot, the writer keeps its file open and
-    goes on writing; the hidden point in time is never listed and goes once the copy is done."""
+    goes on writing; the hidden point in time is never listed and goes once the copy is done.
+    `share_io=threads`: the writes and the clone's copy run on the share's threads (as on a
+    network share)."""
     make_chain(share, "vol", size=SIZE, depth=0)
-    mnt = vfsnap_mount("clone_copy_rate=1m")
+    mnt = vfsnap_mount(f"clone_copy_rate=1m,share_io={share_io}")
     live = bytearray(SIZE)
     with open(mnt.volume("vol"), "r+b") as writer:
         for i in range(4):
@@ -206,7 +209,7 @@ def test_clone_of_the_live_volume_under_a_writer_and_a_clone_of_that_clone(share
         assert read(mnt.volume("vol")) == bytes(live)
         assert read(mnt.volume("c2")) == bytes(second)
     mnt.stop()
-    mnt = vfsnap_mount()
+    mnt = vfsnap_mount(f"share_io={share_io}")
     for name, model in (("vol", live), ("c1", clone), ("c2", second)):
         assert read(mnt.volume(name)) == bytes(model), name
     ok("sync", str(mnt.path))

@@ -42,7 +42,7 @@ import weakref
 import attrs
 import trio
 
-from vfsnap.chain.view import ZERO_FD, View
+from vfsnap.chain.view import ZERO_FD, View, resolve_extents
 from vfsnap.errors import AlreadyExists, Busy, CorruptRecord, NoSpace, NotFound, ReadOnly, ShareNotAnswering, VfsnapError
 from vfsnap.format import UNALLOCATED, Qcow2Image
 from vfsnap.format.create import create_qcow2
@@ -314,9 +314,9 @@ async def _copy_some(volume, entry: CloneEntry, state: CopyState, hold_bytes: in
     source = View(chain[:base_index], name=f"{volume.name}:clone-source")
     target = View(chain[: base_index + 1], name=f"{volume.name}:clone-target")
     size = base.size
+    io = volume.share.io
     if state.total == 0 or state.cursor == 0:
-        state.total = sum(de - ds for s, e, fd, host in source.extents(0, size) if fd != ZERO_FD
-                          for ds, de in _data_runs(s, e, fd, host))
+        state.total = await io.write("clone size", _data_bytes, source.images, size)
         state.done = 0
     copied = scanned = 0
     started = trio.current_time()
@@ -334,7 +334,10 @@ async def _copy_some(volume, entry: CloneEntry, state: CopyState, hold_bytes: in
         end = min(size, state.cursor + STEP_BYTES)
         _read_ahead(source, end, min(size, end + STEP_BYTES))
         async with volume.gate.write_lock:  # the base's write state is the clone's writers' too
-            step = _copy_range(base, source, target, state.cursor, end)
+            # On one of the share's threads on a network share (a share that hangs stalls the
+            # copy, not the mount), handed the base's write state by the lock (io.py rule 4).
+            step, patches = await io.write("clone copy", _copy_range, base, source, target, state.cursor, end)
+            target.apply_patches(patches)
         state.done += step
         copied += step
         scanned += end - state.cursor
@@ -344,25 +347,34 @@ async def _copy_some(volume, entry: CloneEntry, state: CopyState, hold_bytes: in
     if state.cursor < size:
         return False
     async with volume.gate.quiesced():
-        target.flush()  # every copied cluster durable before the backing file goes
+        await io.write("clone flush", target.flush)  # every copied cluster durable before the backing file goes
         base.set_backing(None, None)  # commit point: the clone reads nothing of its source
         _finish(volume, entry, state)
     return True
 
 
-def _copy_range(base, source: View, target: View, start: int, end: int) -> int:
-    """Copy what the source shows in [start, end) where the base holds nothing; no yield, so
-    no write of the clone can land in between (its own writes win). Returns bytes copied."""
+def _copy_range(base, source: View, target: View, start: int, end: int) -> tuple[int, list]:
+    """Copy what the source shows in [start, end) where the base holds nothing, under the
+    clone's write lock, so that no write of the clone lands in between (its own writes win).
+    Touches no view's chunks (for a worker thread). Returns the bytes copied and the extents
+    written, for the loop to patch into `target`."""
     copied = 0
-    for s, e, fd, host in source.extents(start, end):
+    patches: list = []
+    for s, e, fd, host in resolve_extents(source.images, start, end):
         if fd == ZERO_FD:
             continue  # zeros: an unallocated base cluster reads zeros once the backing is gone
         for ds, de in _data_runs(s, e, fd, host):
             for ms, me, kind, _where in base.map_range(ds, de):
                 if kind == UNALLOCATED:
-                    target.write(ms, source.read(ms, me - ms))
+                    patches += target.write_on_worker(ms, source.read_resolved(ms, me - ms))
                     copied += me - ms
-    return copied
+    return copied, patches
+
+
+def _data_bytes(images, size: int) -> int:
+    """Bytes of data the chain `images` holds (what a clone's copy goes through)."""
+    return sum(de - ds for s, e, fd, host in resolve_extents(images, 0, size) if fd != ZERO_FD
+               for ds, de in _data_runs(s, e, fd, host))
 
 
 _READ_AHEAD = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vfsnap-clone-readahead")
@@ -373,19 +385,25 @@ def _read_ahead(source: View, start: int, end: int) -> None:
     """Have a worker thread ask the kernel for the next step's source data while this step
     copies (posix_fadvise WILLNEED itself waits for much of the read on ext4). Only advice:
     one request outstanding at a time."""
-    ranges = [(fd, host, e - s) for s, e, fd, host in source.extents(start, end) if fd >= 0]
     while _read_ahead_pending and _read_ahead_pending[0].done():
         _read_ahead_pending.pop(0)
-    if ranges and not _read_ahead_pending:
-        _read_ahead_pending.append(_READ_AHEAD.submit(_advise, ranges))
+    if not _read_ahead_pending:
+        _read_ahead_pending.append(_READ_AHEAD.submit(_advise, source.images, start, end))
 
 
-def _advise(ranges: list[tuple[int, int, int]]) -> None:
-    for fd, offset, length in ranges:
-        try:
-            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            return
+def _advise(images, start: int, end: int) -> None:
+    """On the read-ahead thread: the source's images are backing files nothing writes while
+    the clone reads them (a merge into one waits for the copy: `pinned_by`)."""
+    try:
+        extents = resolve_extents(images, start, end)
+    except Exception:  # noqa: BLE001 - only advice: the copy reports what is wrong
+        return
+    for s, e, fd, host in extents:
+        if fd >= 0:
+            try:
+                os.posix_fadvise(fd, host, e - s, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                return
 
 
 def _data_runs(start: int, end: int, fd: int, host) -> list[tuple[int, int]]:
