@@ -244,14 +244,34 @@ def test_a_hung_share_stalls_only_its_own_volumes(gluster_volume, second_gluster
     assert "hung-again" not in os.listdir(mnt.path / "snapshots" / "va")
 
 
-def merge_progress(mountpoint: Path) -> tuple[int, int] | None:
-    """(done, total) of the running merge, from the status the mount answers through its
-    control file (what `vfsnap status` reads; no process started, so that it can be polled)."""
+def progress(mountpoint: Path, state: str = "merging") -> tuple[int, int] | None:
+    """(done, total) of the running merge (or clone's copy: "copying"), from the status the
+    mount answers through its control file (what `vfsnap status` reads; no process started, so
+    that it can be polled)."""
     status = json.loads(os.getxattr(mountpoint / ".vfsnap", "user.vfsnap.status"))
     for op in status["operations"]:
-        if op.get("state") == "merging":
+        if op.get("state") == state:
             return op["done"], op["total"]
     return None
+
+
+def wait_until_copying(mountpoint: Path, state: str) -> None:
+    deadline = time.monotonic() + 60
+    while (done := progress(mountpoint, state)) is None or done[0] == 0:
+        assert time.monotonic() < deadline, f"nothing was {state}: {done}"
+        time.sleep(0.005)
+
+
+def vb_goes_on(mnt, expected_b_block: bytes, payload: bytes, what: str) -> None:
+    """Volume vb on share B is read, written and synced while share A hangs; the mount answers."""
+    assert within(f"{what}: read vb", lambda: read_direct(mnt.volume("vb"), 0, 4 * KiB)) == expected_b_block
+    within(f"{what}: write+fsync vb", lambda: write_direct_and_fsync(mnt.volume("vb"), 2 * MiB, payload))
+    assert within(f"{what}: read back vb", lambda: read_direct(mnt.volume("vb"), 2 * MiB, 4 * KiB)) == payload
+    assert "vb" in within(f"{what}: ls volumes", lambda: os.listdir(mnt.path / "volumes"))
+    assert within(f"{what}: stat va", lambda: os.stat(mnt.volume("va"))).st_size == 384 * MiB
+    assert within(f"{what}: df", lambda: os.statvfs(mnt.path)).f_blocks > 0
+    shares_status = within(f"{what}: vfsnap status", lambda: status_of(mnt.path))["shares"]
+    assert [s["answering"] for s in shares_status] == [False, True], shares_status
 
 
 def sha256_of(path: Path) -> str:
@@ -262,14 +282,15 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def test_a_merge_on_a_share_that_hangs_stalls_only_the_merge(gluster_volume, second_gluster_volume,  # noqa: F811
-                                                             host_bases, vfsnap_mount, tmp_path):
+def test_a_copy_on_a_share_that_hangs_stalls_only_the_copy(gluster_volume, second_gluster_volume,  # noqa: F811
+                                                           host_bases, vfsnap_mount, tmp_path):
     """Deleting snapshot s1 of va merges its overlay (256 MiB of data) into the base, in the
     background, on share A's threads. A stops answering in the middle of the copy: the merge
     waits, the mount does not (vb is read, written and synced; listing, stat, df and status
     answer, status showing the merge where it stopped). After SIGCONT the merge finishes: the
     live volume and snapshot s2 hold what they held, the overlay is gone, QEMU checks the images.
-    Before the merge's copy ran on the share's threads, the stop stalled the whole mount."""
+    Then the same for the background copy of a clone of va. Before these copies ran on the
+    share's threads, the stop stalled the whole mount."""
     share_a, share_b = gluster_volume, second_gluster_volume
     client_a, client_b = tmp_path / "client-a", tmp_path / "client-b"
     mount_client(share_a, client_a)
@@ -296,47 +317,56 @@ def test_a_merge_on_a_share_that_hangs_stalls_only_the_merge(gluster_volume, sec
                        path=tmp_path / "mnt", spec="glusterfs-shares")
     expected_b_block = read_direct(mnt.volume("vb"), 0, 4 * KiB)
     assert expected_b_block == bytes([0x31]) * (4 * KiB)
-    os.rmdir(mnt.path / "snapshots" / "va" / "s1")
-    deadline = time.monotonic() + 60
-    while (progress := merge_progress(mnt.path)) is None or progress[0] == 0:
-        assert time.monotonic() < deadline, f"the merge did not start copying: {progress}"
-        time.sleep(0.005)
+    payload = bytes(range(256)) * 16
     pid = brick_pid(share_a.name)
+
+    def sync() -> None:
+        subprocess.run([sys.executable, "-m", "vfsnap", "sync", str(mnt.path), "--timeout", "300"],
+                       cwd=ROOT, check=True, timeout=360)
+
+    # The merge.
+    os.rmdir(mnt.path / "snapshots" / "va" / "s1")
+    wait_until_copying(mnt.path, "merging")
     os.kill(pid, signal.SIGSTOP)
     started = len(TIMES)
     try:
         time.sleep(0.5)  # the step in flight reaches the share and waits
-        payload = bytes(range(256)) * 16
-        within("merge: read vb", lambda: read_direct(mnt.volume("vb"), 0, 4 * KiB))
-        within("merge: write+fsync vb", lambda: write_direct_and_fsync(mnt.volume("vb"), 2 * MiB, payload))
-        assert within("merge: read back vb", lambda: read_direct(mnt.volume("vb"), 2 * MiB, 4 * KiB)) == payload
-        assert sorted(within("merge: ls volumes", lambda: os.listdir(mnt.path / "volumes"))) == ["va", "vb"]
-        assert within("merge: stat va", lambda: os.stat(mnt.volume("va"))).st_size == 384 * MiB
-        assert within("merge: df", lambda: os.statvfs(mnt.path)).f_blocks > 0
-        done, total = within("merge: status", lambda: merge_progress(mnt.path))
+        vb_goes_on(mnt, expected_b_block, payload, "merge")
+        done, total = within("merge: status", lambda: progress(mnt.path))
         assert 0 < done < total, f"the merge was not stopped in the middle: {done} of {total}"
-        time.sleep(1.5)  # longer than a share call may take before the share counts as hung
-        assert within("merge: status again", lambda: merge_progress(mnt.path)) == (done, total), \
+        time.sleep(1.0)
+        assert within("merge: status again", lambda: progress(mnt.path)) == (done, total), \
             "the merge went on while share A was stopped"
-        shares_status = within("merge: vfsnap status", lambda: status_of(mnt.path))["shares"]
-        assert [s["answering"] for s in shares_status] == [False, True], shares_status
-        assert within("merge: read vb after", lambda: read_direct(mnt.volume("vb"), 0, 4 * KiB)) == expected_b_block
     finally:
         os.kill(pid, signal.SIGCONT)
     print("while share A hung mid-merge: " + ", ".join(f"{what} {seconds:.3f} s" for what, seconds in TIMES[started:]))
-
-    subprocess.run([sys.executable, "-m", "vfsnap", "sync", str(mnt.path), "--timeout", "300"],
-                   cwd=ROOT, check=True, timeout=360)
-    assert merge_progress(mnt.path) is None
+    sync()
+    assert progress(mnt.path) is None
     assert sorted(os.listdir(mnt.path / "snapshots" / "va")) == ["latest", "s2"]
     assert sha256_of(mnt.volume("va")) == live_a
     assert sha256_of(mnt.path / "snapshots" / "va" / "s2" / "va") == s2_a
-    assert read_direct(mnt.volume("vb"), 2 * MiB, 4 * KiB) == payload
+
+    # A clone's copy (of va, into the clone's own base on share A).
+    subprocess.run([sys.executable, "-m", "vfsnap", "clone", str(mnt.volume("va")), str(mnt.volume("vc"))],
+                   cwd=ROOT, check=True, timeout=120)
+    wait_until_copying(mnt.path, "copying")
+    os.kill(pid, signal.SIGSTOP)
+    started = len(TIMES)
+    try:
+        time.sleep(0.5)
+        vb_goes_on(mnt, expected_b_block, payload, "clone copy")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    print("while share A hung mid-copy: " + ", ".join(f"{what} {seconds:.3f} s" for what, seconds in TIMES[started:]))
+    sync()
+    assert progress(mnt.path, "copying") is None
+    assert sha256_of(mnt.volume("vc")) == live_a
+    assert sha256_of(mnt.volume("va")) == live_a
     mnt.stop()
     mount_client(share_a, client_a)
     try:
-        assert sorted(n for n in os.listdir(client_a) if not n.endswith((".info", ".json"))) == ["va", "va.s2"]
-        for name in ("va", "va.s2"):
+        assert sorted(n for n in os.listdir(client_a) if not n.endswith((".info", ".json"))) == ["va", "va.s2", "vc"]
+        for name in ("va", "va.s2", "vc"):
             assert check(client_a / name)["exit"] == 0, name
     finally:
         subprocess.run(["umount", str(client_a)], capture_output=True, check=False)
