@@ -5,7 +5,8 @@ them with rmdir (oldest, middle, newest, the only one), extends the volume and r
 a snapshot or the live volume (`vfsnap clone`, each clone written and deleted on its own), reverts
 to a snapshot (`vfsnap revert`, with and without --destroy-newer), and
 after every step compares the live volume and every snapshot with the model, also right after
-rmdir while the merge may still be running. At the end every image passes `qemu-img check`,
+rmdir while the merge may still be running. Half of the runs mount with `share_io=threads`: the
+writes, the merges' and the clones' copies run on the share's threads, as on a network share. At the end every image passes `qemu-img check`,
 `.info` is byte-for-byte what Cinder's json.dump writes, and QEMU reads the same chain.
 """
 
@@ -55,7 +56,8 @@ class SnapshotMachine(RuleBasedStateMachine):
         self.clones: dict[str, bytearray] = {}
 
     @initialize(size_kib=st.sampled_from([256, 1024, 2048]), base=st.sampled_from(["raw", "qcow2"]),
-                options=st.sampled_from(["", "metadata_flush_interval=0.05"]))
+                options=st.sampled_from(["", "metadata_flush_interval=0.05", "share_io=threads",
+                                         "share_io=threads,metadata_flush_interval=0.05"]))
     def start(self, size_kib, base, options):
         size = size_kib * 1024
         if base == "raw":
