@@ -197,6 +197,37 @@ def test_a_slow_write_of_one_volume_does_not_hold_back_another(mounts, tmp_path:
         os.close(fd_a)
 
 
+@requires_fuse
+@pytest.mark.parametrize("base_fmt", ["raw", "qcow2"])
+def test_a_snapshot_of_a_volume_with_unsynced_writes_does_not_hold_back_another(mounts, tmp_path: Path,  # noqa: F811
+                                                                               base_fmt):
+    """`mkdir` of a snapshot first writes the active image back (data, metadata, its dirty mark
+    cleared): with every fdatasync of the share slow, that runs on the share's threads and a
+    read of another volume is answered meanwhile; the snapshot holds the writes."""
+    share = tmp_path / "share"
+    share.mkdir()
+    make_chain(share, "a", size=8 * MiB, depth=1 if base_fmt == "qcow2" else 0, base_fmt=base_fmt)
+    expected_b = bytes(range(256)) * (4 * MiB // 256)
+    _raw_volume_known_to_vfsnap(share, "b", expected_b)
+    mnt = _start_slow(mounts, share, f"slow:{SLOW_IO}", "fdatasync")
+
+    payload = b"\x5e" * (3 * MiB)
+    with open(mnt.volume("a"), "r+b") as fa:
+        fa.seek(MiB + 512)
+        fa.write(payload)
+        fa.flush()  # to the daemon (a write, not a sync): unsynced there
+        snapshot = mnt.snapshot_dir("a", "s")
+        taker, outcome = _in_background(lambda: os.mkdir(snapshot))
+        time.sleep(0.2)
+        assert taker.is_alive(), "the snapshot did not wait for the slow share: the test proves nothing"
+        _b_answers_meanwhile(mnt, expected_b, MiB, taker, "snapshot")
+        assert outcome == {"result": None}
+    expected_a = bytearray(8 * MiB)
+    expected_a[MiB + 512 : MiB + 512 + len(payload)] = payload
+    assert mnt.snapshot("a", "s").read_bytes() == bytes(expected_a)
+    assert mnt.volume("a").read_bytes() == bytes(expected_a)
+
+
 # -- the bookkeeping ----------------------------------------------------------------------------
 
 
