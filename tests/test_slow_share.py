@@ -228,6 +228,31 @@ def test_a_snapshot_of_a_volume_with_unsynced_writes_does_not_hold_back_another(
     assert mnt.volume("a").read_bytes() == bytes(expected_a)
 
 
+@requires_fuse
+@pytest.mark.parametrize(("base_fmt", "ops"), [("raw", "ftruncate"), ("qcow2", "pwrite,fdatasync")])
+def test_growing_a_volume_does_not_hold_back_another(mounts, tmp_path: Path, base_fmt, ops):  # noqa: F811
+    """`truncate` to a larger size makes its calls on the share (ftruncate of a raw file; the
+    header and L1 table of a qcow2 overlay) on the share's threads: with those calls slow, a
+    read of another volume is answered meanwhile; the grown area reads as zeros."""
+    share = tmp_path / "share"
+    share.mkdir()
+    make_chain(share, "a", size=8 * MiB, depth=1 if base_fmt == "qcow2" else 0, base_fmt=base_fmt,
+               writes=lambda level, path, fmt: qemu_io(path, f"write -P {0x61 + level} 0 1M", fmt=fmt))
+    expected_b = bytes(range(256)) * (4 * MiB // 256)
+    _raw_volume_known_to_vfsnap(share, "b", expected_b)
+    mnt = _start_slow(mounts, share, f"slow:{SLOW_IO}", ops)
+
+    grower, outcome = _in_background(lambda: os.truncate(mnt.volume("a"), 24 * MiB))
+    time.sleep(0.2)
+    assert grower.is_alive(), "growing the volume did not wait for the slow share: the test proves nothing"
+    _b_answers_meanwhile(mnt, expected_b, MiB, grower, "truncate")
+    assert outcome == {"result": None}
+    assert os.stat(mnt.volume("a")).st_size == 24 * MiB
+    data = mnt.volume("a").read_bytes()
+    assert data[:MiB] == bytes([0x61 + (base_fmt == "qcow2")]) * MiB
+    assert data[MiB:] == bytes(23 * MiB)
+
+
 # -- the bookkeeping ----------------------------------------------------------------------------
 
 

@@ -722,16 +722,39 @@ class View:
     def resize(self, new_size: int, *, thick: bool = False) -> None:
         """Grow the disk. The new area reads as zeros even where a backing file is longer
         than the old size (as QEMU's truncate does: it zero-writes that part)."""
-        top = self.top
         old_size = self.size
+        self._resize_top(new_size, thick)
+        self.invalidate()
+        stale = self._stale_after_growth(old_size)
+        if stale is not None:
+            self.write_zeroes(*stale)
+
+    async def resize_async(self, new_size: int, *, thick: bool = False) -> None:
+        """`resize`, its calls on the share as data calls (on a thread on a network share:
+        growing a thick raw file allocates all of it). The caller holds the volume's requests
+        back and its write lock (vfsnap/share/io.py rules 4, 6)."""
+        old_size = self.size
+        await self.io.write("resize", self._resize_top, new_size, thick)
+        self.invalidate()
+        stale = self._stale_after_growth(old_size)
+        if stale is not None:
+            self.apply_patches(await self.io.write("resize", self.write_zeroes_on_worker, *stale))
+            for observer in self.observers:
+                observer(*stale)
+
+    def _resize_top(self, new_size: int, thick: bool) -> None:
+        top = self.top
         if isinstance(top, RawImage):
             top.resize(new_size, thick=thick)
         else:
             top.resize(new_size)
-        self.invalidate()
+
+    def _stale_after_growth(self, old_size: int) -> tuple[int, int] | None:
+        """(offset, length) of the grown area a longer backing file would show, to be zeroed."""
         longest_below = max((image.size for image in self.images[:-1]), default=0)
         if longest_below > old_size and self.size > old_size:
-            self.write_zeroes(old_size, min(self.size, longest_below) - old_size)
+            return old_size, min(self.size, longest_below) - old_size
+        return None
 
 
 def resolve_extents(images: list[Image], start: int, end: int) -> list[tuple[int, int, int, object]]:

@@ -524,7 +524,9 @@ class Volume:
         self.share.check_answering(f"resize of {self.name}")
         async with self.gate.quiesced():
             self.share.check_answering(f"resize of {self.name}")
-            self.resize(new_size)
+            view = self._check_resize(new_size)
+            if new_size != view.size:
+                await view.resize_async(new_size, thick=self.share.options.thick)
 
     @property
     def dirty(self) -> bool:
@@ -532,11 +534,15 @@ class Volume:
 
     def resize(self, new_size: int) -> None:
         """Grow the live volume (only the active image grows; shorter backing files read zeros)."""
+        view = self._check_resize(new_size)
+        if new_size != view.size:
+            view.resize(new_size, thick=self.share.options.thick)
+
+    def _check_resize(self, new_size: int) -> View:
         view = self.live_view()
         if new_size < view.size:
             raise NotPermitted(f"volume {self.name}: shrinking is not supported ({view.size} -> {new_size})")
-        if new_size != view.size:
-            view.resize(new_size, thick=self.share.options.thick)
+        return view
 
     # -- after a crash --------------------------------------------------------------------
 
