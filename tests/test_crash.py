@@ -92,7 +92,7 @@ class TakeSnapshot(Scenario):
 
     def operate(self, pool, shared):
         apply_acked(pool, self.before, shared)
-        snapshots.take_snapshot(pool.volume(VOLUME), "new")
+        trio.run(snapshots.take_snapshot, pool.volume(VOLUME), "new")
         apply_acked(pool, self.after, shared, start=len(self.before))
 
     def verify(self, share, pool, outcome):
@@ -126,7 +126,7 @@ class DeleteSnapshot(Scenario):
 
     def operate(self, pool, shared):
         volume = pool.volume(VOLUME)
-        snapshots.request_delete(volume, self.victim)
+        trio.run(snapshots.request_delete, volume, self.victim)
 
         async def run():
             async with trio.open_nursery() as nursery:
@@ -200,7 +200,7 @@ class Clone(Scenario):
         if self.source == "live":
             apply_acked(pool, self.before, shared)
         start = len(self.before) if self.source == "live" else 0
-        new = create_clone(pool, volume, None if self.source == "live" else "s1", "c")
+        new = trio.run(create_clone, pool, volume, None if self.source == "live" else "s1", "c")
 
         async def run():
             async with trio.open_nursery() as nursery:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -251,6 +253,44 @@ def test_growing_a_volume_does_not_hold_back_another(mounts, tmp_path: Path, bas
     data = mnt.volume("a").read_bytes()
     assert data[:MiB] == bytes([0x61 + (base_fmt == "qcow2")]) * MiB
     assert data[MiB:] == bytes(23 * MiB)
+
+
+@requires_fuse
+@pytest.mark.parametrize("change", ["mkdir", "rmdir"])
+def test_a_snapshot_taken_or_deleted_on_a_slow_share_does_not_hold_back_another(mounts, tmp_path: Path,  # noqa: F811
+                                                                               change):
+    """The files a snapshot's `mkdir` or `rmdir` writes on the share (the record's journal, the
+    new overlay, `.info`, each fsynced and renamed into place) are written on the share's
+    threads: with every fsync and rename slow, a read of another volume is answered while the
+    change waits. Then the deletion's merge and commit run (`vfsnap sync`) and every view holds
+    what it held."""
+    share = tmp_path / "share"
+    share.mkdir()
+    names = make_chain(share, "a", size=8 * MiB, depth=2, base_fmt="qcow2",
+                       writes=lambda level, path, fmt: qemu_io(path, f"write -P {0x41 + level} {level}M 2M", fmt=fmt))
+    expected_a = flat_bytes(share / names[-1], tmp_path)
+    expected_s2 = flat_bytes(share / names[1], tmp_path)
+    expected_b = bytes(range(256)) * (4 * MiB // 256)
+    _raw_volume_known_to_vfsnap(share, "b", expected_b)
+    mnt = _start_slow(mounts, share, f"slow:{SLOW_IO}", "fsync,rename")
+
+    assert sorted(os.listdir(mnt.snapshot_dir("a"))) == ["latest", "s1", "s2"]
+    if change == "mkdir":
+        background, outcome = _in_background(lambda: os.mkdir(mnt.snapshot_dir("a", "s3")))
+    else:
+        background, outcome = _in_background(lambda: os.rmdir(mnt.snapshot_dir("a", "s1")))
+    time.sleep(0.2)
+    assert background.is_alive(), f"{change} did not wait for the slow share: the test proves nothing"
+    _b_answers_meanwhile(mnt, expected_b, MiB, background, change)
+    assert outcome == {"result": None}
+    subprocess.run([sys.executable, "-m", "vfsnap", "sync", str(mnt.path), "--timeout", "120"], check=True,
+                   timeout=180)
+    left = ["latest", "s1", "s2", "s3"] if change == "mkdir" else ["latest", "s2"]
+    assert sorted(os.listdir(mnt.snapshot_dir("a"))) == left
+    assert mnt.volume("a").read_bytes() == expected_a
+    assert mnt.snapshot("a", "s2").read_bytes() == expected_s2
+    if change == "mkdir":
+        assert mnt.snapshot("a", "s3").read_bytes() == expected_a
 
 
 # -- the bookkeeping ----------------------------------------------------------------------------

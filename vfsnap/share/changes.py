@@ -22,14 +22,14 @@ async def take_snapshot(volume, snapshot: str) -> None:
         # sync in it, and a slow or hanging share holds back this mkdir, not the mount. (Not
         # before quiescing: under a busy writer a flush does not converge.)
         await volume.settle_quiesced()
-        snapshots.take_snapshot(volume, snapshot)
+        await snapshots.take_snapshot(volume, snapshot)
 
 
 async def delete_snapshot(volume, snapshot: str) -> None:
     """`rmdir snapshots/<vol>/<snap>`: journalled now, merged in the background
     (`snapshots.run_pending`)."""
     async with ChainChange(volume):
-        snapshots.request_delete(volume, snapshot)
+        await snapshots.request_delete(volume, snapshot)
 
 
 async def remove_volume(pool, name: str) -> None:
@@ -48,7 +48,7 @@ async def create_clone(pool, source: str, snapshot: str | None, name: str):
     """`vfsnap clone`: the new volume (its background copy is the caller's to start)."""
     volume = pool.volume(source)
     async with ChainChange(volume):
-        return clone.create_clone(pool, volume, snapshot, name)
+        return await clone.create_clone(pool, volume, snapshot, name)
 
 
 async def revert_volume(volume, snapshot: str, *, destroy_newer: bool) -> list[str]:

@@ -148,7 +148,7 @@ def check_clone_name(pool, share, name: str) -> str:
     return name
 
 
-def create_clone(pool, source, snapshot: str | None, name: str):
+async def create_clone(pool, source, snapshot: str | None, name: str):
     """Make clone `name` of `source` (at `snapshot`, or now); returns the new volume.
 
     The caller holds `ChainChange(source)`: the source's chain cannot change meanwhile.
@@ -164,7 +164,7 @@ def create_clone(pool, source, snapshot: str | None, name: str):
         from vfsnap.share.snapshots import take_snapshot
 
         snapshot = "clone-" + secrets.token_hex(6)
-        take_snapshot(source, snapshot, hidden_for=name)
+        await take_snapshot(source, snapshot, hidden_for=name)
     overlay = source.info().snapshots[snapshot]
     chain = source.snapshot_chain(snapshot)  # the point in time: the chain below the overlay
     top = chain[-1]

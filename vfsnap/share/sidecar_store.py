@@ -57,14 +57,31 @@ class SidecarStore:
 
     def save(self, sidecar: Sidecar) -> None:
         """Write `sidecar` to the share atomically, with the creation times guessed so far."""
+        sidecar = self._with_guesses(sidecar)
+        self.share.dir.write_atomic(self.file_name, sidecar.to_json())
+        self._saved_as(sidecar)
+
+    async def save_async(self, sidecar: Sidecar) -> None:
+        """`save`, the file written as a data call of the share (on one of its threads on a
+        network share: a share that is slow or hangs holds back the caller, not the mount);
+        this record changes on the loop, once the file is in place."""
+        sidecar = self._with_guesses(sidecar)
+        await self.share.io.write(f"write {self.file_name}", self.share.dir.write_atomic, self.file_name,
+                                  sidecar.to_json())
+        self._saved_as(sidecar)
+
+    def _with_guesses(self, sidecar: Sidecar) -> Sidecar:
         for snapshot, created in self._guessed.items():
             if snapshot not in sidecar.created:
                 sidecar = sidecar.with_created(snapshot, created)
-        self.share.dir.write_atomic(self.file_name, sidecar.to_json())
+        return sidecar
+
+    def _saved_as(self, sidecar: Sidecar) -> None:
         self._sidecar = sidecar
         self._saved = True
         self._stale = False
-        self._guessed.clear()
+        # (guesses made while the file was written wait for the next write)
+        self._guessed = {s: t for s, t in self._guessed.items() if s not in sidecar.created}
 
     def save_first_meeting(self) -> bool:
         """Write the record made at the first meeting, if the share has none yet (and the mount

@@ -46,8 +46,12 @@ MAX_CATCH_UP_ROUNDS = 8
 # -- taking a snapshot ----------------------------------------------------------------------
 
 
-def take_snapshot(volume, snapshot: str, *, now: float | None = None, hidden_for: str | None = None) -> None:
-    """Take snapshot `snapshot` of the live volume. The caller holds `volume.chain_lock`.
+async def take_snapshot(volume, snapshot: str, *, now: float | None = None, hidden_for: str | None = None) -> None:
+    """Take snapshot `snapshot` of the live volume. The caller holds `ChainChange(volume)`: the
+    volume's requests are held back, its write lock and the share's locks are the change's.
+    Its writes on the share are data calls (on the share's threads on a network share: a share
+    that is slow or hangs holds back this snapshot, not the mount); its in-memory state changes
+    on the loop.
 
     `hidden_for`: the point-in-time of a clone of the live volume (`vfsnap.share.clone`): the
     snapshot is journalled for deletion in the same write that finishes it, so it is never
@@ -65,28 +69,24 @@ def take_snapshot(volume, snapshot: str, *, now: float | None = None, hidden_for
     view = volume.live_view()
     active = info.active
     entry = SnapshotEntry(snapshot=snapshot, overlay=overlay, backing=active, hidden_for=hidden_for)
-    volume.save_sidecar(volume.sidecar().with_entry(entry))
-    created = False
+    await volume.save_sidecar_async(volume.sidecar().with_entry(entry))
+    io = volume.share.io
+    created: list[bool] = []
     try:
-        fd = volume.share.dir.open_regular(overlay, os.O_RDWR | os.O_CREAT | os.O_EXCL)
-        created = True
-        try:
-            create_qcow2(fd, view.size, backing_file=active, backing_format=volume.format_of(active))
-        finally:
-            os.close(fd)
-        volume.share.dir.fsync()
-        # From here to the switch nothing awaits: no write can come in between.
-        view.flush()
-        volume.write_info(info.with_snapshot(snapshot, overlay, active=overlay))
+        await io.write(f"create {overlay}", _create_overlay, volume.share.dir, overlay, view.size, active,
+                       volume.format_of(active), created)
+        # No write can come in until the switch: the volume's requests are held back.
+        await io.write("flush", view.flush)
+        await volume.write_info_async(info.with_snapshot(snapshot, overlay, active=overlay))
     except BaseException:
         if created:
-            volume.share.dir.unlink(overlay)
-        volume.save_sidecar(volume.sidecar().without_entry(entry))
+            await io.write(f"unlink {overlay}", volume.share.dir.unlink, overlay)
+        await volume.save_sidecar_async(volume.sidecar().without_entry(entry))
         raise
     # Committed: from here on nothing may report the snapshot as failed.
-    _switch_to_new_top(volume, view)
+    await _switch_to_new_top(volume, view)
     try:
-        volume.save_sidecar(_finished_snapshot(volume.sidecar(), entry, now or time.time()))
+        await volume.save_sidecar_async(_finished_snapshot(volume.sidecar(), entry, now or time.time()))
     except (VfsnapError, OSError) as exc:
         # The journal entry stays; the mount's background task (or the next mount) records the
         # time and clears it.
@@ -105,10 +105,24 @@ def _finished_snapshot(sidecar, entry: SnapshotEntry, created: float):
     return sidecar
 
 
-def _switch_to_new_top(volume, view: View) -> None:
+def _create_overlay(share_dir, overlay: str, size: int, backing: str, backing_format: str, created: list) -> None:
+    """Create the new overlay file and make its name durable (on a share thread); `created`
+    says whether the file exists, for the caller to remove it if a later step fails."""
+    fd = share_dir.open_regular(overlay, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+    created.append(True)
+    try:
+        create_qcow2(fd, size, backing_file=backing, backing_format=backing_format)
+    finally:
+        os.close(fd)
+    share_dir.fsync()
+
+
+async def _switch_to_new_top(volume, view: View) -> None:
     old_top = view.top
     try:
-        old_top.close_writes()  # flushed before the commit; this clears its dirty mark
+        # flushed before the commit; this clears its dirty mark (nothing is left to write after
+        # `Volume.settle_quiesced`)
+        await volume.share.io.write("close", old_top.close_writes)
     except (VfsnapError, OSError) as exc:
         log.error("%s: %s stays marked dirty: %s", volume.name, old_top.name, exc)
     old_top.writable = False  # it is a backing file now: nothing may write it any more
@@ -118,8 +132,9 @@ def _switch_to_new_top(volume, view: View) -> None:
 # -- deleting a snapshot --------------------------------------------------------------------
 
 
-def request_delete(volume, snapshot: str) -> None:
-    """Journal the deletion of `snapshot`; it leaves the tree now, the merge runs later."""
+async def request_delete(volume, snapshot: str) -> None:
+    """Journal the deletion of `snapshot`; it leaves the tree now, the merge runs later. The
+    journal is written as a data call of the share (`take_snapshot`)."""
     if volume.share.read_only:
         raise ReadOnly("read-only mount")
     if not volume.has_snapshot(snapshot):
@@ -129,7 +144,7 @@ def request_delete(volume, snapshot: str) -> None:
     overlay = volume.info().snapshots[snapshot]
     _refuse_if_pinned(volume, overlay, f"snapshot {snapshot} of {volume.name}")
     entry = DeleteEntry(snapshot=snapshot, overlay=overlay)
-    volume.save_sidecar(volume.sidecar().with_entry(entry))
+    await volume.save_sidecar_async(volume.sidecar().with_entry(entry))
     volume.failed.pop(snapshot, None)
     log.info("%s: snapshot %s deleted; merging %s in the background", volume.name, snapshot, overlay)
 
@@ -212,7 +227,7 @@ async def _delete(volume, entry: DeleteEntry) -> None:
     names = [image.name for image in chain]
     if overlay not in names:
         # Merged and rebased before a crash: only the bookkeeping is left.
-        _finish_delete(volume, entry)
+        await _finish_delete(volume, entry)
         return
     index = names.index(overlay)
     if index == 0:
@@ -228,6 +243,7 @@ async def _delete(volume, entry: DeleteEntry) -> None:
     live = volume.live_view()
     source = live if child_name is None else View(chain[: index + 1], name=f"{volume.name}:merge-source")
     merge = Merge(chain[index], source, target_view)
+    io = volume.share.io
     volume.running_merge = {"snapshot": snapshot, "merge": merge}
     if child_name is None:
         live.observers.append(merge.note_write)
@@ -247,25 +263,25 @@ async def _delete(volume, entry: DeleteEntry) -> None:
         # finish first: vfsnap/share/io.py rule 6): writers wait for this last, short part.
         quiet = volume.gate.quiesced()
         await quiet.__aenter__()
-        await merge.finish_async(volume.share.io)
+        await merge.finish_async(io)
         if child_name is not None:
-            _rebase(volume, child_name, target_name)  # commit point
-            volume.write_info(info.without_snapshot(snapshot))
+            await _rebase(volume, child_name, target_name)  # commit point
+            await volume.write_info_async(info.without_snapshot(snapshot))
         else:
-            volume.write_info(info.without_snapshot(snapshot, active=target_name))  # commit point
-            chain[index].close_writes()
+            await volume.write_info_async(info.without_snapshot(snapshot, active=target_name))  # commit point
+            await io.write("close", chain[index].close_writes)
             chain[index].writable = False
     finally:
         if child_name is None and merge.note_write in live.observers:
             live.observers.remove(merge.note_write)
         try:
-            target_view.top.close_writes()
+            await io.write("close", target_view.top.close_writes)
         finally:
             volume.running_merge = None
             if quiet is not None:
                 await quiet.__aexit__(None, None, None)
     volume.rebuild_views()
-    _finish_delete(volume, entry)
+    await _finish_delete(volume, entry)
 
 
 async def _copy_step(volume, merge: Merge) -> bool:
@@ -281,41 +297,49 @@ async def _copy_step(volume, merge: Merge) -> bool:
         volume.gate.leave(seq)
 
 
-def _rebase(volume, child: str, backing: str) -> None:
-    """Point `child` at `backing` (qemu-img rebase -u), durable when this returns.
+async def _rebase(volume, child: str, backing: str) -> None:
+    """Point `child` at `backing` (qemu-img rebase -u), durable when this returns; the header
+    is written as a data call of the share (the volume's requests are held back).
 
     The active image is rebased through the object its writers use (one object per file, so
     no stale copy of the header can be written back later); any other through a short-lived
     read-write one, after which the volume's read-only object is reopened.
     """
+    io = volume.share.io
     image = volume.images.get(child)
+    backing_format = volume.format_of(backing)
     if image is not None and image.writable:
-        image.set_backing(backing, volume.format_of(backing))
+        await io.write("rebase", image.set_backing, backing, backing_format)
         return
     temporary = volume.images.open_file(child, "qcow2", writable=True)
     try:
-        temporary.set_backing(backing, volume.format_of(backing))
+        await io.write("rebase", temporary.set_backing, backing, backing_format)
     finally:
         temporary.close()
     if image is not None:
         volume.reopen(child, writable=False)
 
 
-def _finish_delete(volume, entry: DeleteEntry) -> None:
-    """After the commit point: drop the snapshot from `.info`, the overlay file, the entry."""
+async def _finish_delete(volume, entry: DeleteEntry) -> None:
+    """After the commit point: drop the snapshot from `.info`, the overlay file, the entry
+    (each written as a data call of the share)."""
     snapshot, overlay = entry.snapshot, entry.overlay
     info = volume.info()
     if snapshot in info.snapshots:
         active = info.active
         if active == overlay:
             raise CorruptImage(f"{volume.name}: {overlay} is still active after its merge")
-        volume.write_info(info.without_snapshot(snapshot))
+        await volume.write_info_async(info.without_snapshot(snapshot))
     volume.images.drop(overlay)
     if overlay not in (volume.info().active, volume.name) and overlay not in volume.info().snapshots.values():
-        volume.share.dir.unlink(overlay)
-        volume.share.dir.fsync()
-    volume.save_sidecar(volume.sidecar().without(snapshot).without_entry(entry))
+        await volume.share.io.write(f"unlink {overlay}", _unlink_durably, volume.share.dir, overlay)
+    await volume.save_sidecar_async(volume.sidecar().without(snapshot).without_entry(entry))
     log.info("%s: snapshot %s merged and removed", volume.name, snapshot)
+
+
+def _unlink_durably(share_dir, name: str) -> None:
+    share_dir.unlink(name)
+    share_dir.fsync()
 
 
 # -- recovery -------------------------------------------------------------------------------
@@ -350,8 +374,7 @@ def _recover_snapshot(volume, entry: SnapshotEntry) -> str:
         volume.save_sidecar(_finished_snapshot(volume.sidecar(), entry, time.time()))
         return f"{volume.name}: snapshot {snapshot} was committed; finished it"
     if overlay not in info.snapshots.values() and overlay != info.active:
-        volume.share.dir.unlink(overlay)
-        volume.share.dir.fsync()
+        _unlink_durably(volume.share.dir, overlay)
     volume.save_sidecar(volume.sidecar().without_entry(entry))
     return f"{volume.name}: snapshot {snapshot} was not committed; rolled back"
 

@@ -251,8 +251,12 @@ class Volume:
     # -- .info ----------------------------------------------------------------------------
 
     def info(self) -> VolumeInfo:
-        """The volume's `.info`, read again when the last read is older than a moment."""
-        if self._info is not None and time.monotonic() - self._info_checked < INFO_RECHECK_SECONDS:
+        """The volume's `.info`, read again when the last read is older than a moment, except
+        while this host changes the chain: it holds the share's CHAIN and WRITER locks, so nobody
+        else can change the file, and a read in the middle of its own write (on a share thread,
+        `write_info_async`) would take the new file for another host's change."""
+        if self._info is not None and (self.chain_changing
+                                       or time.monotonic() - self._info_checked < INFO_RECHECK_SECONDS):
             return self._info
         return self.refresh()
 
@@ -278,6 +282,17 @@ class Volume:
         """Replace `.info` atomically (the commit point of every chain change)."""
         data = info.to_json()
         self.share.dir.write_atomic(self.info_name, data)
+        self._info_written(info, data)
+
+    async def write_info_async(self, info: VolumeInfo) -> None:
+        """`write_info`, the file written as a data call of the share (on one of its threads
+        on a network share); the volume's state changes on the loop, once the file is in place.
+        Not cancellable (`ShareIO.run`): the caller knows whether its commit point was passed."""
+        data = info.to_json()
+        await self.share.io.write(f"write {self.info_name}", self.share.dir.write_atomic, self.info_name, data)
+        self._info_written(info, data)
+
+    def _info_written(self, info: VolumeInfo, data: bytes) -> None:
         self._info = info
         self._info_bytes = data
         self._info_checked = time.monotonic()
@@ -292,6 +307,9 @@ class Volume:
 
     def save_sidecar(self, sidecar: Sidecar) -> None:
         self.sidecar_store.save(sidecar)
+
+    async def save_sidecar_async(self, sidecar: Sidecar) -> None:
+        await self.sidecar_store.save_async(sidecar)
 
     def record(self) -> None:
         """Write the record made when vfsnap met the volume, if the share has none yet: before
