@@ -10,8 +10,11 @@ Taking a snapshot (`mkdir snapshots/<vol>/<snap>`):
   journal → create overlay `<vol>.<snap>` (backing: the active image, relative name, its
   format) → flush the active image → `.info` names the overlay active [commit] → the live view
   switches to the new top → record the creation time, clear the journal.
-  Nothing yields to the event loop between the flush and the switch, so no write can fall
-  between them: the snapshot equals the volume at one instant, and the writer sees no error.
+  The volume's requests are held back (`ChainChange` quiesces it) from before the flush until
+  after the switch, so no write can fall between them: the snapshot equals the volume at one
+  instant, and the writer sees no error (its request waits a moment). The files are written as
+  data calls of the share (on its threads on a network share); the in-memory state changes on
+  the loop.
 
 Deleting one (`rmdir`): the snapshot leaves the tree at once (the journal entry hides it); the
 merge runs in the background (`run_pending`), see `vfsnap.chain.merge` for why it keeps every
