@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import trio
 
 from tests.conftest import requires_fuse
 from vfsnap.options import MountOptions
@@ -554,7 +555,7 @@ def _rename_in_child(share: Path, at: int, counter) -> int:
             plan = FaultPlan("crash", at, counter=counter) if at else FaultPlan("count", counter=counter)
             plan.install()
             opened = Share(str(share), MountOptions(metadata_flush_interval=0))
-            rename_volume(opened, "vol", "renamed")
+            trio.run(rename_volume, opened, "vol", "renamed")
             opened.close()
         except BaseException:  # noqa: BLE001 - reported through the exit status
             import traceback

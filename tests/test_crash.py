@@ -159,7 +159,7 @@ class Rename(Scenario):
         self.snapshot_contents, self.live = build_chain(share, self.layers)
 
     def operate(self, pool, shared):
-        rename_volume(pool.shares[0], VOLUME, "renamed")
+        trio.run(rename_volume, pool.shares[0], VOLUME, "renamed")
 
     def verify(self, share, pool, outcome):
         names = pool.volume_names()

@@ -293,6 +293,46 @@ def test_a_snapshot_taken_or_deleted_on_a_slow_share_does_not_hold_back_another(
         assert mnt.snapshot("a", "s3").read_bytes() == expected_a
 
 
+@requires_fuse
+@pytest.mark.parametrize(("change", "ops"), [("rename", "rename,fsync"), ("rm", "unlink,fsync")])
+def test_renaming_or_removing_a_volume_on_a_slow_share_does_not_hold_back_another(mounts, tmp_path: Path,  # noqa: F811
+                                                                                  change, ops):
+    """`mv` renames every file of the chain and rewrites `.info` and the record; `rm` removes the
+    files: with those calls slow, a read of another volume is answered while they wait. (Volume b
+    is opened before: the kernel itself holds lookups in `volumes/` back while a rename or an
+    unlink in it is under way, whatever the filesystem does.)"""
+    share = tmp_path / "share"
+    share.mkdir()
+    names = make_chain(share, "a", size=8 * MiB, depth=2 if change == "rename" else 0, base_fmt="qcow2",
+                       writes=lambda level, path, fmt: qemu_io(path, f"write -P {0x41 + level} {level}M 2M", fmt=fmt))
+    expected_a = flat_bytes(share / names[-1], tmp_path)
+    expected_b = bytes(range(256)) * (4 * MiB // 256)
+    _raw_volume_known_to_vfsnap(share, "b", expected_b)
+    mnt = _start_slow(mounts, share, f"slow:{SLOW_IO}", ops)
+
+    fd_b = os.open(mnt.volume("b"), os.O_RDONLY | os.O_DIRECT)
+    try:
+        if change == "rename":
+            background, outcome = _in_background(lambda: os.rename(mnt.volume("a"), mnt.volume("c")))
+        else:
+            background, outcome = _in_background(lambda: os.unlink(mnt.volume("a")))
+        time.sleep(0.2)
+        assert background.is_alive(), f"{change} did not wait for the slow share: the test proves nothing"
+        assert _pread_direct(fd_b, MiB, MiB) == expected_b[MiB : 2 * MiB]
+        assert background.is_alive(), f"reading volume b waited for the slow {change} of volume a"
+        background.join(SLOW_IO * 60)
+    finally:
+        os.close(fd_b)
+    assert outcome == {"result": None}
+    if change == "rename":
+        assert sorted(os.listdir(mnt.path / "volumes")) == ["b", "c"]
+        assert mnt.volume("c").read_bytes() == expected_a
+        assert sorted(os.listdir(mnt.snapshot_dir("c"))) == ["latest", "s1", "s2"]
+    else:
+        assert sorted(os.listdir(mnt.path / "volumes")) == ["b"]
+        assert sorted(n for n in os.listdir(share) if n.startswith("a")) == []
+
+
 # -- the bookkeeping ----------------------------------------------------------------------------
 
 

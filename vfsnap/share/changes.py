@@ -35,13 +35,13 @@ async def delete_snapshot(volume, snapshot: str) -> None:
 async def remove_volume(pool, name: str) -> None:
     """`rm volumes/<vol>`."""
     async with ChainChange(pool.volume(name)):
-        pool.remove_volume(name)
+        await pool.remove_volume(name)
 
 
 async def rename_volume(pool, old: str, new: str) -> None:
     """`mv volumes/<old> volumes/<new>`."""
     async with ChainChange(pool.volume(old)):
-        pool.rename_volume(old, new)
+        await pool.rename_volume(old, new)
 
 
 async def create_clone(pool, source: str, snapshot: str | None, name: str):

@@ -116,17 +116,17 @@ class Pool:
         )
         return self.shares[index]
 
-    def rename_volume(self, old: str, new: str) -> None:
+    async def rename_volume(self, old: str, new: str) -> None:
         volume = self.volume(old)
         for share in self.shares:
             if share.is_volume(new):
                 from vfsnap.errors import AlreadyExists
 
                 raise AlreadyExists(f"volume {new} exists on {share.path}")
-        volume.share.rename_volume(old, new)
+        await volume.share.rename_volume(old, new)
 
-    def remove_volume(self, name: str) -> None:
-        self.volume(name).share.remove_volume(name)
+    async def remove_volume(self, name: str) -> None:
+        await self.volume(name).share.remove_volume(name)
 
     def recovery(self):
         """Every share's recovery steps (`Share.recovery`), one volume per step."""

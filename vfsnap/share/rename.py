@@ -12,6 +12,7 @@ mount's background task) until it completes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -40,7 +41,10 @@ def _refuse_if_cloned(share, volume) -> None:
         raise Busy(f"volume {volume.name}: clone {clone} still reads from its files (its copy is running)")
 
 
-def rename_volume(share, old: str, new: str) -> None:
+async def rename_volume(share, old: str, new: str) -> None:
+    """Rename volume `old` to `new`. The files are renamed and rewritten as data calls of the
+    share (on its threads on a network share: a share that is slow or hangs holds back the
+    rename, not the mount); the share's in-memory state changes on the loop."""
     new = check_volume_name(new)
     if share.read_only:
         raise ReadOnly("read-only mount")
@@ -50,7 +54,7 @@ def rename_volume(share, old: str, new: str) -> None:
     if volume.sidecar().journal:
         raise Busy(f"volume {old} has operations in progress")
     _refuse_if_cloned(share, volume)
-    volume.record()  # the record made when vfsnap met it moves with it
+    await volume.record_async()  # the record made when vfsnap met it moves with it
     info = volume.info()
     chain = [image.name for image in volume.live_chain()]
     files = {name: new + name[len(old) :] for name in chain}
@@ -66,17 +70,18 @@ def rename_volume(share, old: str, new: str) -> None:
     entry = RenamePlan(old=old, new=new, files=files, chain=tuple(chain),
                        formats={name: volume.format_of(name) for name in chain})
     journal = journal_file(new)
-    share.dir.write_atomic(journal, entry.to_json())
+    io = share.io
+    await io.write(f"write {journal}", share.dir.write_atomic, journal, entry.to_json())
     volume.close()
     share.forget_volume(old)
     try:
-        run_rename(share, entry)
+        await io.write("rename", run_rename, share, entry)
     except BaseException as exc:
         # A failed mv should change nothing anyone sees: undo what was done, by the same
         # idempotent steps in the other direction. If even that fails, the journal stays and
         # the rename is finished later (the mount's background task, the next mount, check).
         try:
-            run_rename(share, entry.reversed(), journal=journal)
+            await io.write("rename", functools.partial(run_rename, share, entry.reversed(), journal=journal))
             log.warning("renaming %s to %s failed (%s); undone", old, new, exc)
         except BaseException as undo_exc:  # noqa: BLE001
             log.error("renaming %s to %s failed (%s), and so did undoing it (%s); it will be finished later",

@@ -245,11 +245,11 @@ class Share:
             if volume.dirty:
                 volume.flush()
 
-    def rename_volume(self, old: str, new: str) -> None:
+    async def rename_volume(self, old: str, new: str) -> None:
         from vfsnap.share.rename import rename_volume
 
         try:
-            rename_volume(self, old, new)
+            await rename_volume(self, old, new)
         finally:
             self.index.invalidate()  # done, undone or half done: look again
 
@@ -304,8 +304,9 @@ class Share:
         volume = self._volumes[name] = Volume(self, name)
         return volume
 
-    def remove_volume(self, name: str) -> None:
-        """Delete a volume's base, overlays, `.info` and sidecar (EBUSY with snapshots or open)."""
+    async def remove_volume(self, name: str) -> None:
+        """Delete a volume's base, overlays, `.info` and sidecar (EBUSY with snapshots or open);
+        the files are removed as one data call of the share (on its threads on a network share)."""
         if self.read_only:
             raise ReadOnly("read-only mount")
         volume = self.volume(name)
@@ -323,11 +324,14 @@ class Share:
         files += [name, info_file(name), sidecar_file(name)]
         volume.close()
         self._volumes.pop(name, None)
+        await self.io.write(f"remove {name}", self._unlink_all, files)
+        self.index.removed(name)
+        log.info("removed volume %s from %s", name, self.path)
+
+    def _unlink_all(self, files: list[str]) -> None:
         for file_name in files:
             self.dir.unlink(file_name)
         self.dir.fsync()
-        self.index.removed(name)
-        log.info("removed volume %s from %s", name, self.path)
 
     # -- capacity -------------------------------------------------------------------------
 

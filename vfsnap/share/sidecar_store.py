@@ -83,6 +83,12 @@ class SidecarStore:
         # (guesses made while the file was written wait for the next write)
         self._guessed = {s: t for s, t in self._guessed.items() if s not in sidecar.created}
 
+    @property
+    def unsaved(self) -> bool:
+        """The record is the one made at the first meeting, not yet on the share."""
+        self.get()
+        return not self._saved
+
     def save_first_meeting(self) -> bool:
         """Write the record made at the first meeting, if the share has none yet (and the mount
         may write); True when it was written."""

@@ -317,6 +317,12 @@ class Volume:
         if self.sidecar_store.save_first_meeting():
             log.info("%s: first seen; recorded base format %s", self.name, self.sidecar().base_format)
 
+    async def record_async(self) -> None:
+        """`record`, the file written as a data call of the share (`save_sidecar_async`)."""
+        if self.sidecar_store.unsaved and not self.share.read_only:
+            await self.save_sidecar_async(self.sidecar())
+            log.info("%s: first seen; recorded base format %s", self.name, self.sidecar().base_format)
+
     # -- images and chains ----------------------------------------------------------------
 
     def rules(self) -> ChainRules:
