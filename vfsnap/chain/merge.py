@@ -45,7 +45,10 @@ class Merge:
         self.pending: list[tuple[int, int, bool]] = []  # (start, end, zeros)
         self.noted: list[tuple[int, int, bool]] = []  # written meanwhile, not yet in `pending`
         self.planned = False  # what the overlay holds is read by the first step
-        self.total = 0
+        # Progress, for `vfsnap status`: each counter has one writer (the step's thread, the
+        # loop), so no update is lost.
+        self.planned_bytes = 0
+        self.noted_bytes = 0
         self.done = 0
         # Into a raw target, data moves file to file inside the kernel (`_copy_in_kernel`).
         self.kernel_copy = isinstance(target_view.top, RawImage)
@@ -54,7 +57,7 @@ class Merge:
         for start, end, kind, _ in self.overlay.map_range(0, self.overlay.size):
             if kind != UNALLOCATED:
                 self._add(start, end, kind == ZERO)
-                self.total += end - start
+                self.planned_bytes += end - start
         self.planned = True
 
     def _add(self, start: int, end: int, zeros: bool) -> None:
@@ -68,7 +71,11 @@ class Merge:
     def note_write(self, offset: int, length: int) -> None:
         """A write landed in the overlay while merging: copy that range (again). On the loop."""
         self.noted.append((offset, offset + length, False))
-        self.total += length
+        self.noted_bytes += length
+
+    @property
+    def total(self) -> int:
+        return self.planned_bytes + self.noted_bytes
 
     def take_noted(self) -> None:
         """On the loop, between two steps: the ranges noted meanwhile join those to copy."""
@@ -127,8 +134,7 @@ class Merge:
         return patches
 
     def _copy(self, start: int, end: int, patches: list) -> None:
-        # Only inside the target's size: past it (a live volume grown during the merge) the
-        # view's write decides, as for every write.
+        # Only inside the target's size (grown to the source's before each step).
         if self.kernel_copy and end <= self.target_view.size and self._copy_in_kernel(start, end):
             return
         patches += self.target_view.write_on_worker(start, self.source.read_resolved(start, end - start))
