@@ -295,6 +295,9 @@ def test_a_copy_on_a_share_that_hangs_stalls_only_the_copy(gluster_volume, secon
     client_a, client_b = tmp_path / "client-a", tmp_path / "client-b"
     mount_client(share_a, client_a)
     mount_client(share_b, client_b)
+    for leftover in client_a.iterdir():  # share A serves the other tests of this module too
+        if leftover.is_file():
+            leftover.unlink()
 
     def fill(level, path, fmt):
         if level == 1:
