@@ -16,12 +16,6 @@ from vfsnap.share.locks import ChainChange
 async def take_snapshot(volume, snapshot: str) -> None:
     """`mkdir snapshots/<vol>/<snap>`."""
     async with ChainChange(volume):
-        # The volume's requests are held back and its write lock is ours: the active image's
-        # data and metadata go to the share first, and its dirty mark is cleared, on one of the
-        # share's threads, so that the snapshot (on the loop) finds nothing left to write or
-        # sync in it, and a slow or hanging share holds back this mkdir, not the mount. (Not
-        # before quiescing: under a busy writer a flush does not converge.)
-        await volume.settle_quiesced()
         await snapshots.take_snapshot(volume, snapshot)
 
 

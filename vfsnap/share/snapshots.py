@@ -123,8 +123,7 @@ def _create_overlay(share_dir, overlay: str, size: int, backing: str, backing_fo
 async def _switch_to_new_top(volume, view: View) -> None:
     old_top = view.top
     try:
-        # flushed before the commit; this clears its dirty mark (nothing is left to write after
-        # `Volume.settle_quiesced`)
+        # flushed before the commit; this clears its dirty mark
         await volume.share.io.write("close", old_top.close_writes)
     except (VfsnapError, OSError) as exc:
         log.error("%s: %s stays marked dirty: %s", volume.name, old_top.name, exc)

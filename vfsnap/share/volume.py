@@ -471,15 +471,6 @@ class Volume:
                 await self.gate.drain(reads_only=True)
                 top.apply_pending_frees()
 
-    async def settle_quiesced(self) -> None:
-        """`close_writes` of the active image for a caller that holds the volume quiesced
-        (`ChainChange`): everything written back, the dirty mark cleared (the next write sets
-        it again), as one data call of the share, on a thread on a network share (io.py rules
-        4-6: no request is in flight, the write lock is the caller's)."""
-        view = self._live_view
-        if view is not None and view.top.writable:
-            await self.share.io.write("flush", view.top.close_writes)
-
     def close_writes(self) -> None:
         """The last writer closed the volume: write everything back, clear the dirty marks."""
         if self._live_view is not None:
