@@ -493,3 +493,52 @@ def test_a_daemonized_mount_answers_lookups_from_its_own_threads(share: Path, tm
         assert json.loads(status.stdout)["shares"] == [{"path": str(share), "answering": True}]
     finally:
         subprocess.run(["fusermount3", "-u", str(mnt)], check=False, timeout=60)
+
+
+def test_resolving_a_range_over_many_missing_tables_reads_them_in_one_hand_off(tmp_path: Path):
+    """On the loop a resolution does not read the share: a missing L2 table goes to a worker
+    thread, and the resolution is tried again. A 1 MiB chunk of 512-byte clusters spans 32 L2
+    tables (64 entries each) per image: one hand-off per image of the chain reads every missing
+    table the chunk needs, tables next to each other in the file in one read. One per table
+    mapped the chunk again from its start each time (the hostile many-tables test took 117 s).
+    The bytes read are QEMU's, with a table cache too small to keep one chunk's tables."""
+    from vfsnap.share.io import ShareIO
+
+    def fill(level, path, fmt):
+        # A data cluster in every L2 table's range of the base, every third range in the overlay.
+        step = 3 if level else 1
+        commands = [f"write -P {0x10 + level * 16 + i % 16} {i * 32768 + 512 * (i % 64)} 512"
+                    for i in range(0, 2 * MiB // 32768, step)]
+        qemu_io(path, *commands, fmt=fmt)
+
+    names = make_chain(tmp_path, "vol", size=2 * MiB, depth=1, base_fmt="qcow2", cluster_size=512, writes=fill)
+    expected = flat_bytes(tmp_path / names[-1], tmp_path)
+    io = ShareIO(str(tmp_path), threaded=True)
+    cache = TableCache(8 * 1024)  # 16 tables of 512 bytes: fewer than a chunk spans
+    images = [Qcow2Image(os.open(tmp_path / name, os.O_RDONLY), name, writable=False, table_cache=cache)
+              for name in names]
+    view = View(images, name="vol", io=io)
+    hand_offs: list[str] = []
+    run = io.run
+
+    async def counted(what, fn, *args):
+        hand_offs.append(what)
+        return await run(what, fn, *args)
+
+    io.run = counted
+
+    async def read_all() -> bytes:
+        parts = []
+        for offset in range(0, 2 * MiB, 256 * 1024):
+            before = hand_offs.count("table load")
+            parts.append(bytes(await view.read_async(offset, 256 * 1024)))
+            if offset % MiB == 0:  # the first read of each chunk resolves it
+                loads = hand_offs.count("table load") - before
+                assert 1 <= loads <= len(images), f"{loads} table loads for one chunk of {len(images)} images"
+        return b"".join(parts)
+
+    try:
+        assert trio.run(read_all) == expected
+    finally:
+        for image in images:
+            image.close()

@@ -770,13 +770,19 @@ def resolve_extents(images: list[Image], start: int, end: int) -> list[tuple[int
             break
         below: list[tuple[int, int]] = []
         image_size = image.size
-        for s, e in pending:
+        for i, (s, e) in enumerate(pending):
             if e > image_size:
                 extents.append((max(s, image_size), e, ZERO_FD, 0))
                 e = image_size
                 if s >= e:
                     continue
-            for ms, me, kind, where in image.map_range(s, e):
+            try:
+                mapped = image.map_range(s, e)
+            except TableMissing as miss:  # on the loop: name every table this image still needs
+                for rest_s, rest_e in pending[i + 1:]:
+                    miss.add_range(rest_s, min(rest_e, image_size))
+                raise
+            for ms, me, kind, where in mapped:
                 if kind == UNALLOCATED:
                     below.append((ms, me))
                 else:

@@ -46,7 +46,12 @@ _loop_state = threading.local()
 
 
 class TableMissing(Exception):
-    """An L2 table a mapping needs is not in memory (only raised inside `deferred_loads`)."""
+    """L2 tables a mapping needs are not in memory (only raised inside `deferred_loads`).
+
+    It names the first missing table and, found by `add_range`, the others the same resolution
+    goes on to need from this image: one hand-off to a worker thread reads them all, where one try per table
+    would map the range again from its start each time (a 1 MiB chunk of 512-byte clusters
+    spans 32 tables: 32 tries, 528 table mappings instead of 32)."""
 
     def __init__(self, image: "Qcow2Image", l2_offset: int, l1_index: int):
         super().__init__(f"{image.name}: L2 table at {l2_offset:#x} not loaded")
@@ -54,15 +59,53 @@ class TableMissing(Exception):
         self.l2_offset = l2_offset
         self.l1_index = l1_index
         self.epoch = image._table_epoch
+        self.offsets = [l2_offset]
 
-    def load(self) -> bytes:
-        """The table's bytes (for a worker thread)."""
-        return pread_full(self.image.fd, self.image.cluster_size, self.l2_offset)
+    def add_range(self, start: int, end: int) -> None:
+        """Also name the tables of guest [start, end) that are neither in memory nor known to be
+        bad (those are left for the mapping to report), up to MAX_TABLES_PER_MISS in all."""
+        image = self.image
+        loaded = getattr(_loop_state, "loaded", None) or {}
+        table_shift = image.cluster_bits + image.l2_bits
+        last = min((end - 1) >> table_shift, len(image.l1) - 1)
+        for l1_index in range(start >> table_shift, last + 1):
+            if len(self.offsets) >= MAX_TABLES_PER_MISS:
+                break
+            l2_offset = image.l1[l1_index] & OFFSET_MASK
+            if (not l2_offset or l2_offset in self.offsets or image._bad_l2_offset(l2_offset)
+                    or (image._dirty_l2 and l2_offset in image._dirty_l2)
+                    or image._cache.get(image._cache_owner, l2_offset) is not None
+                    or (image, l2_offset) in loaded):
+                continue
+            self.offsets.append(l2_offset)
 
-    def insert(self, data: bytes, loaded: dict) -> None:
+    def load(self) -> list[bytes]:
+        """The tables' bytes, in the order of `offsets` (for a worker thread). Tables next to
+        each other in the file are read together: on a network share each read is a round trip."""
+        cs = self.image.cluster_size
+        found: dict[int, bytes] = {}
+        ordered = sorted(set(self.offsets))
+        i = 0
+        while i < len(ordered):
+            j = i + 1
+            while j < len(ordered) and ordered[j] == ordered[j - 1] + cs and (j - i) * cs < MAX_TABLE_READ:
+                j += 1
+            data = pread_full(self.image.fd, (j - i) * cs, ordered[i])
+            for k in range(i, j):
+                found[ordered[k]] = data[(k - i) * cs:(k - i + 1) * cs]
+            i = j
+        return [found[offset] for offset in self.offsets]
+
+    def insert(self, tables: list[bytes], loaded: dict) -> None:
         """Keep what `load` read (on the loop) in `loaded`, for the retry of the same
         resolution (a small table cache may have dropped it again by then)."""
-        loaded[(self.image, self.l2_offset)] = (self.epoch, table_from_bytes(data))
+        for offset, data in zip(self.offsets, tables):
+            loaded[(self.image, offset)] = (self.epoch, table_from_bytes(data))
+
+
+# How many tables one miss reads at most, and in reads of at most how many bytes.
+MAX_TABLES_PER_MISS = 64
+MAX_TABLE_READ = 1 << 20
 
 
 class deferred_loads:
@@ -224,7 +267,7 @@ class Qcow2Image(Qcow2Writer, Image):
 
     def _load_l2(self, l2_offset: int, l1_index: int) -> array:
         cs = self.cluster_size
-        if l2_offset % cs or l2_offset + cs > self.file_size or l2_offset < cs:
+        if self._bad_l2_offset(l2_offset):
             raise CorruptImage(
                 f"{self.name}: L1 entry {l1_index} names an L2 table at {l2_offset:#x}, "
                 f"which is unaligned, in the header or beyond the end of the file ({self.file_size:#x})"
@@ -245,6 +288,10 @@ class Qcow2Image(Qcow2Writer, Image):
         self._cache.put_if(self._cache_owner, l2_offset, table, cs, lambda: self._table_epoch == epoch)
         return table
 
+    def _bad_l2_offset(self, l2_offset: int) -> bool:
+        cs = self.cluster_size
+        return bool(l2_offset % cs or l2_offset + cs > self.file_size or l2_offset < cs)
+
     # -- mapping --------------------------------------------------------------------------
 
     def map_range(self, start: int, end: int) -> list[tuple[int, int, int, object]]:
@@ -258,6 +305,9 @@ class Qcow2Image(Qcow2Writer, Image):
             span_end = min(end, (l1_index + 1) << table_shift)
             try:
                 table = self._l2_table(l1_index)
+            except TableMissing as miss:
+                miss.add_range(span_end, end)
+                raise
             except CorruptImage as exc:
                 _append(out, pos, span_end, BAD, exc)
                 pos = span_end
