@@ -492,18 +492,23 @@ class QsdTarget(Target):
 class CeilingTarget(Target):
     kind = "ceiling"
 
-    def __init__(self, image: Path, mountpoint: Path, log_path: Path, xattr: bool = False, threads: int = 0):
-        super().__init__("ceiling-xattr" if xattr else "ceiling-threads" if threads else "ceiling",
-                         mountpoint, log_path)
+    def __init__(self, image: Path, mountpoint: Path, log_path: Path, xattr: bool = False, threads: int = 0,
+                 raw: bool = False):
+        super().__init__("ceiling-raw" if raw else "ceiling-xattr" if xattr else "ceiling-threads" if threads
+                         else "ceiling", mountpoint, log_path)
         self.image = image
         self.xattr = xattr
         self.threads = threads
+        self.raw = raw  # bench/raw_passthrough.py: the FUSE protocol without pyfuse3 or trio
 
     @property
     def path(self) -> Path:
         return self.mountpoint / self.image.name
 
     def command(self) -> list[str]:
+        if self.raw:
+            return [PYTHON, str(BENCH_DIR / "raw_passthrough.py"), f"--threads={self.threads or 16}",
+                    str(self.image), str(self.mountpoint)]
         return [PYTHON, str(BENCH_DIR / "passthrough.py")] + (["--xattr"] if self.xattr else []) + \
             ([f"--threads={self.threads}"] if self.threads else []) + [str(self.image), str(self.mountpoint)]
 

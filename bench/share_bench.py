@@ -16,6 +16,10 @@ is copied onto it. Then, alternating between the targets, each run on a fresh mo
   loop, one request at a time; `ceiling-threads` hands each call to one of 16 threads the way
   vfsnap does (`ShareIO.run`), so that requests are in flight together. They are what a Python FUSE filesystem can do at most on this share:
   no map, no copy-on-write (their writes go straight into the flat file).
+- ceiling-raw: bench/raw_passthrough.py, the same passthrough without pyfuse3, libfuse or trio:
+  16 threads each read a request from /dev/fuse, make the call and write the reply, as
+  libfuse's multi-threaded loop does. What is left of the gap to qsd is Python's own cost per
+  request, not pyfuse3's loop.
 
 Workloads (fio, psync, O_DIRECT, `numjobs` jobs of one request each on the one file):
 
@@ -26,7 +30,7 @@ Workloads (fio, psync, O_DIRECT, `numjobs` jobs of one request each on the one f
   removed and the chain is as before.
 
 Prints the medians and vfsnap/qsd, vfsnap/best ceiling and best ceiling/qsd per workload; the JSON
-goes to bench/results/share-*.json. `--targets` picks the targets (default all four).
+goes to bench/results/share-*.json. `--targets` picks the targets (default all five).
 The machine may be busy: compare the ratios of one run, not figures across runs.
 """
 
@@ -47,7 +51,7 @@ import harness as h
 from harness import KiB, MiB
 
 FLAT = "flat.raw"  # the ceilings' copy of the chain
-TARGETS = ("vfsnap", "qsd", "ceiling", "ceiling-threads")
+TARGETS = ("vfsnap", "qsd", "ceiling", "ceiling-threads", "ceiling-raw")
 GLUSTER_OPTIONS = "attribute-timeout=0,entry-timeout=0,negative-timeout=0,direct-io-mode=enable"
 READS = [("randread-4k", "randread", 4 * KiB, 1), ("randread-4k", "randread", 4 * KiB, 4),
          ("randread-4k", "randread", 4 * KiB, 16), ("seqread-1M", "read", MiB, 1)]
@@ -128,7 +132,8 @@ def run_one(kind: str, workload: tuple, chain: h.Chain, share: Path, workdir: Pa
         target = h.VfsnapTarget(share, workdir / "mnt", logs / "vfsnap.log", args.vfsnap_options)
     elif kind.startswith("ceiling"):
         target = h.CeilingTarget(share / FLAT, workdir / "mnt", logs / f"{kind}.log",
-                                 threads=16 if kind == "ceiling-threads" else 0)
+                                 threads=16 if kind in ("ceiling-threads", "ceiling-raw") else 0,
+                                 raw=kind == "ceiling-raw")
     else:
         file = top
         if writing:

@@ -49,9 +49,9 @@ class TableMissing(Exception):
     """L2 tables a mapping needs are not in memory (only raised inside `deferred_loads`).
 
     It names the first missing table and, found by `add_range`, the others the same resolution
-    goes on to need from this image: one hand-off to a worker thread reads them all, where one try per table
-    would map the range again from its start each time (a 1 MiB chunk of 512-byte clusters
-    spans 32 tables: 32 tries, 528 table mappings instead of 32)."""
+    goes on to need from this image: one hand-off to a worker thread reads them all, where one
+    try per table would map the range again from its start each time (a 1 MiB chunk of
+    512-byte clusters spans 32 tables: 32 tries, 528 table mappings instead of 32)."""
 
     def __init__(self, image: "Qcow2Image", l2_offset: int, l1_index: int):
         super().__init__(f"{image.name}: L2 table at {l2_offset:#x} not loaded")
@@ -63,13 +63,15 @@ class TableMissing(Exception):
 
     def add_range(self, start: int, end: int) -> None:
         """Also name the tables of guest [start, end) that are neither in memory nor known to be
-        bad (those are left for the mapping to report), up to MAX_TABLES_PER_MISS in all."""
+        bad (those are left for the mapping to report), up to MAX_TABLES_PER_MISS and
+        MAX_TABLE_READ bytes in all."""
         image = self.image
+        most = max(1, min(MAX_TABLES_PER_MISS, MAX_TABLE_READ // image.cluster_size))
         loaded = getattr(_loop_state, "loaded", None) or {}
         table_shift = image.cluster_bits + image.l2_bits
         last = min((end - 1) >> table_shift, len(image.l1) - 1)
         for l1_index in range(start >> table_shift, last + 1):
-            if len(self.offsets) >= MAX_TABLES_PER_MISS:
+            if len(self.offsets) >= most:
                 break
             l2_offset = image.l1[l1_index] & OFFSET_MASK
             if (not l2_offset or l2_offset in self.offsets or image._bad_l2_offset(l2_offset)
@@ -103,7 +105,7 @@ class TableMissing(Exception):
             loaded[(self.image, offset)] = (self.epoch, table_from_bytes(data))
 
 
-# How many tables one miss reads at most, and in reads of at most how many bytes.
+# How many tables one miss reads at most, and how many bytes (a read of neighbours too).
 MAX_TABLES_PER_MISS = 64
 MAX_TABLE_READ = 1 << 20
 
