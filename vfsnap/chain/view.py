@@ -113,6 +113,12 @@ class Chunk:
         self.fds = [e[2] for e in extents]
         self.hosts = [e[3] for e in extents]
 
+    def copy(self) -> "Chunk":
+        chunk = Chunk.__new__(Chunk)
+        chunk.start, chunk.end = self.start, self.end
+        chunk.starts, chunk.ends, chunk.fds, chunk.hosts = self.starts[:], self.ends[:], self.fds[:], self.hosts[:]
+        return chunk
+
     def patch(self, start: int, end: int, fd: int, host: object) -> int:
         """Guest [start, end) of this chunk now lives at `(fd, host)` (after a write).
         Returns by how many extents the chunk grew (for the memory budget)."""
@@ -310,14 +316,20 @@ class View:
                 extents.append(_extent(ms, me, kind, where, top.fd))
         return Chunk(start, end, _merge_extents(extents))
 
-    def extents(self, start: int, end: int) -> list[tuple[int, int, int, object]]:
-        """Resolved extents covering guest [start, end); zeros past this view's end."""
+    def extents(self, start: int, end: int, *, resolve: bool = True):
+        """Resolved extents covering guest [start, end); zeros past this view's end. Without
+        `resolve`, None when a chunk is not resolved already (and nothing changes)."""
         out: list[tuple[int, int, int, object]] = []
         size = self._size
         stop = min(end, size)
         pos = start
         while pos < stop:
-            chunk = self._chunk(pos >> self._chunk_bits)
+            if resolve:
+                chunk = self._chunk(pos >> self._chunk_bits)
+            else:
+                chunk = self._chunks.get(pos >> self._chunk_bits)
+                if chunk is None:
+                    return None
             i = bisect_right(chunk.starts, pos) - 1
             while pos < stop and i < len(chunk.starts):
                 piece_end = min(stop, chunk.ends[i])
@@ -410,6 +422,26 @@ class View:
             else:
                 raise CorruptImage(str(host))
         return target
+
+    def read_now(self, offset: int, length: int):
+        """`read` on a FUSE reader thread (vfsnap/fs/relay.py), or None when the loop must
+        answer: a chunk not resolved yet, a compressed cluster. It changes nothing in the view
+        and sees each chunk whole: the loop replaces a chunk it patches (`_patch`) and replaces
+        or drops chunks only while no request is in flight (RequestGate rule 6)."""
+        size = self._size
+        if offset >= size or length <= 0:
+            return b""
+        end = min(offset + length, size)
+        one = self._one_extent(offset, end)
+        if one is not None:  # the common case
+            fd, host = one
+            if fd >= 0:
+                return pread_full(fd, end - offset, host)
+            return bytes(end - offset) if fd == ZERO_FD else None
+        extents = self.extents(offset, end, resolve=False)
+        if extents is None or any(fd < 0 and fd != ZERO_FD for _, _, fd, _ in extents):
+            return None
+        return _fill(memoryview(bytearray(end - offset)), offset, extents)
 
     def _one_extent(self, offset: int, end: int) -> tuple[int, object] | None:
         """(fd, host offset) of guest [offset, end) when it lies in one resolved extent (of a
@@ -706,7 +738,11 @@ class View:
             piece_end = min(end, (index + 1) << bits)
             chunk = self._chunks.get(index)
             if chunk is not None:
+                # Patched as a copy that replaces it: a FUSE reader thread may be reading the
+                # chunk right now (`read_now`), and must see it before or after, never between.
+                chunk = chunk.copy()
                 grown = chunk.patch(pos, piece_end, fd, host + (pos - start) if fd >= 0 else host)
+                self._chunks[index] = chunk
                 self._extents += grown
                 self.budget.charge(self, grown)
             pos = piece_end

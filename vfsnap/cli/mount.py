@@ -17,6 +17,7 @@ import trio
 from vfsnap.cli.main import EXIT_MOUNT_FAILED, EXIT_OK, QuietError
 from vfsnap.errors import VfsnapError
 from vfsnap.fs.operations import VfsnapOperations
+from vfsnap.fs.relay import KernelRelay
 from vfsnap.options import MountOptions, parse_options
 from vfsnap.share.mounts import mount_table
 from vfsnap.share.pool import Pool
@@ -151,17 +152,40 @@ async def serve(operations: VfsnapOperations, options: MountOptions, mountpoint:
                 pyfuse3.terminate()
                 return
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch_signals, nursery.cancel_scope)
-        if ready_fd is not None:
-            nursery.start_soon(report_ready)
-        background = getattr(operations, "background_tasks", None)
-        if background is not None:
-            nursery.start_soon(background)
-        # Handlers that wait for a share let others run: up to MAX_TASKS requests in flight.
-        await pyfuse3.main(min_tasks=MIN_TASKS, max_tasks=MAX_TASKS)
-        nursery.cancel_scope.cancel()
+    relay = _start_relay(operations, options)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_signals, nursery.cancel_scope)
+            if ready_fd is not None:
+                nursery.start_soon(report_ready)
+            background = getattr(operations, "background_tasks", None)
+            if background is not None:
+                nursery.start_soon(background)
+            # Handlers that wait for a share let others run: up to MAX_TASKS requests in flight.
+            await pyfuse3.main(min_tasks=MIN_TASKS, max_tasks=MAX_TASKS)
+            nursery.cancel_scope.cancel()
+    finally:
+        if relay is not None:
+            relay.stop()  # before the volumes close: no read of them left on a reader thread
     return stopped
+
+
+def _start_relay(operations: VfsnapOperations, options: MountOptions) -> KernelRelay | None:
+    """Reader threads in front of pyfuse3 (vfsnap/fs/relay.py), in the daemon (threads do not
+    survive its fork) and before pyfuse3.main reads its first request."""
+    if not options.fuse_threads:
+        return None
+    token = trio.lowlevel.current_trio_token()
+    operations.trio_token = token
+
+    def unmounted() -> None:  # libfuse, reading the relay's socket, cannot see it itself
+        try:
+            trio.from_thread.run_sync(pyfuse3.terminate, trio_token=token)
+        except trio.RunFinishedError:
+            pass
+
+    relay = KernelRelay(operations.read_now, threads=options.fuse_threads, on_unmounted=unmounted)
+    return relay if relay.start() else None
 
 
 _READY = "ready"

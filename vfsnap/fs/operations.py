@@ -137,6 +137,7 @@ class VfsnapOperations(pyfuse3.Operations):
         self._next_fh = 1
         self._mount_time_ns = time.time_ns()
         self._nursery: trio.Nursery | None = None
+        self.trio_token = None  # the loop's, for reads answered on FUSE reader threads
 
     # -- attributes -----------------------------------------------------------------------
 
@@ -415,6 +416,14 @@ class VfsnapOperations(pyfuse3.Operations):
                 except Exception as again:  # noqa: BLE001 - error boundary
                     exc = again
             raise fuse_error(exc, f"read {handle.node if handle else fh} at {off}+{size}") from None
+
+    def read_now(self, fh, off, size):
+        """A read on a FUSE reader thread (vfsnap/fs/relay.py): its data, or None for `read`
+        on the loop to answer it (errors included)."""
+        handle = self._handles.get(fh)
+        if handle is None or handle.volume is None:
+            return None
+        return handle.volume.read_now(handle.view, off, size, self.trio_token)
 
     async def write(self, fh, off, buf):
         # Hot path: no decorator frame; the same error boundary inline.

@@ -3,7 +3,9 @@
 Rules (docs/design-notes.md, "Requests in flight"):
 
 1. The trio thread owns every in-memory structure (views and their chunks, tables, refcounts,
-   dirty sets). A worker thread runs only blocking system calls on a share descriptor, or a
+   dirty sets). The FUSE reader threads (vfsnap/fs/relay.py) only read resolved chunks, which
+   the loop replaces instead of changing them (`View.read_now`, `View._patch`), inside the
+   volume's request gate (`RequestGate.enter_now`). A worker thread runs only blocking system calls on a share descriptor, or a
    piece of the qcow2 writer while the volume's write lock hands the image's write state to it
    (`View.write_async`; a clone's copy step), or a merge's copy step, whose target's write state
    is the merge's alone (`Merge.copy_step`): never code that touches a view's chunks. Tables
@@ -68,6 +70,9 @@ class ShareIO:
         self._done: collections.deque = collections.deque()
         self._done_lock = threading.Lock()
         self._delivery_pending = False
+        # Reads a FUSE reader thread answers itself (`run_here`), bounded like the workers: a
+        # share that hangs holds at most this many of the mount's readers (rule 2).
+        self._here = threading.BoundedSemaphore(self.threads)
 
     # -- health -----------------------------------------------------------------------------
 
@@ -116,6 +121,20 @@ class ShareIO:
             return await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
         finally:
             self._end(token)
+
+    def run_here(self, what: str, fn, *args):
+        """`run` on the calling thread, a FUSE reader (vfsnap/fs/relay.py), counted in flight
+        the same way (rule 3). Returns None without calling `fn` while the share is not
+        answering or `threads` such calls are under way: the request then takes the loop's way,
+        to the share's own workers, and the reader is free for other shares' requests."""
+        if self.not_answering or not self._here.acquire(blocking=False):
+            return None
+        token = self._begin(what)
+        try:
+            return fn(*args)
+        finally:
+            self._end(token)
+            self._here.release()
 
     def _start_workers(self) -> None:
         for i in range(self.threads):
@@ -216,6 +235,11 @@ class RequestGate:
 
     def __init__(self) -> None:
         self.write_lock = trio.Lock()
+        # Reads answered on the FUSE reader threads (vfsnap/fs/relay.py) enter and leave from
+        # those threads: the numbers, the requests in flight, `_closed` and `_waiters` change
+        # under this lock, and a drain counts itself waiting in the same step that found a
+        # request in flight, so that a thread leaving right after wakes it.
+        self._mutex = threading.Lock()
         self._seq = 0
         self._active: dict[int, bool] = {}  # request number -> is a read
         self._closed = 0
@@ -228,36 +252,80 @@ class RequestGate:
 
     @property
     def reads_in_flight(self) -> bool:
-        return any(self._active.values())
+        with self._mutex:
+            return any(self._active.values())
 
     async def enter(self, *, read: bool) -> int:
-        while self._closed:
+        while True:
+            with self._mutex:
+                if not self._closed:
+                    self._seq += 1
+                    self._active[self._seq] = read
+                    return self._seq
+                self._waiters += 1
             await self._wait()
-        self._seq += 1
-        self._active[self._seq] = read
-        return self._seq
 
     def leave(self, seq: int) -> None:
-        del self._active[seq]
-        if self._waiters:
+        with self._mutex:
+            del self._active[seq]
+            wake = self._waiters > 0
+        if wake:
             self._notify()
+
+    def enter_now(self) -> int | None:
+        """A read entering from a FUSE reader thread: its number, or None while a chain change
+        holds requests back (the read then goes the loop's way and waits there)."""
+        with self._mutex:
+            if self._closed:
+                return None
+            self._seq += 1
+            self._active[self._seq] = True
+            return self._seq
+
+    def leave_now(self, seq: int, trio_token) -> None:
+        """`leave` from a FUSE reader thread: a waiting drain is woken on the loop."""
+        with self._mutex:
+            del self._active[seq]
+            wake = self._waiters > 0
+        if wake:
+            try:
+                trio_token.run_sync_soon(self._notify)
+            except trio.RunFinishedError:
+                pass
 
     def _notify(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
 
     async def _wait(self) -> None:
-        self._waiters += 1
+        """Wait for the next change; the caller counted itself in `_waiters` under the lock."""
         try:
             await self._changed.wait()
         finally:
-            self._waiters -= 1
+            with self._mutex:
+                self._waiters -= 1
 
     async def drain(self, *, reads_only: bool = False) -> None:
         """Wait until the requests (or reads) begun so far have finished."""
-        mark = self._seq
-        while any(seq <= mark and (read or not reads_only) for seq, read in self._active.items()):
+        with self._mutex:
+            mark = self._seq
+        while True:
+            with self._mutex:
+                if not any(seq <= mark and (read or not reads_only) for seq, read in self._active.items()):
+                    return
+                self._waiters += 1
             await self._wait()
+
+    def close(self) -> None:
+        with self._mutex:
+            self._closed += 1
+
+    def reopen(self) -> None:
+        with self._mutex:
+            self._closed -= 1
+            wake = self._waiters > 0
+        if wake:
+            self._notify()
 
     def quiesced(self):
         return _Quiesced(self)
@@ -269,18 +337,16 @@ class _Quiesced:
 
     async def __aenter__(self):
         gate = self.gate
-        gate._closed += 1
+        gate.close()
         try:
             await gate.drain()
             await gate.write_lock.acquire()
         except BaseException:
-            gate._closed -= 1
-            gate._notify()
+            gate.reopen()
             raise
         return self
 
     async def __aexit__(self, *exc_info):
         gate = self.gate
         gate.write_lock.release()
-        gate._closed -= 1
-        gate._notify()
+        gate.reopen()

@@ -505,6 +505,20 @@ class Volume:
         finally:
             gate.leave(seq)
 
+    def read_now(self, view: View, offset: int, length: int, trio_token):
+        """A read on a FUSE reader thread (vfsnap/fs/relay.py), or None to let the loop answer
+        it: counted in flight like `read` (the gate: descriptors stay open, freed clusters
+        unused, and a chain change waits for it), answered only from maps resolved already
+        (`View.read_now`), bounded per share (`ShareIO.run_here`)."""
+        gate = self.gate
+        seq = gate.enter_now()
+        if seq is None:
+            return None
+        try:
+            return self.share.io.run_here("read", view.read_now, offset, length)
+        finally:
+            gate.leave_now(seq, trio_token)
+
     async def write(self, view: View, offset: int, data) -> int:
         """Write `data` at `offset` of the live `view`. On a network share one write of the
         volume at a time, its system calls on a worker thread (io.py rules 4 and 5); on a local

@@ -1,0 +1,247 @@
+"""Reads answered on FUSE reader threads, the rest relayed to pyfuse3 (vfsnap/fs/relay.py, issue 12).
+
+The threads answer only from maps the loop resolved, while the loop patches them after writes and
+replaces them on snapshots and merges: the bytes must stay those of the chain (qemu-img convert),
+and a read may see a block as it was before or after a write that overlaps it, never older than
+a write finished before the read began, nor anything that was never written there.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import random
+import re
+import threading
+import time
+
+import pytest
+
+from tests.conftest import requires_fuse
+from tests.qemu import flat_bytes, make_chain, qemu_img, qemu_io
+
+KiB = 1 << 10
+MiB = 1 << 20
+BLOCK = 4 * KiB
+HOT = 256  # blocks the writers write: readers mostly read there too
+
+
+def _answered_on_threads(mnt) -> int:
+    found = re.findall(r"(\d+) reads were answered on FUSE reader threads", mnt.log())
+    assert found, "the mount did not report its reader threads:\n" + mnt.log()[-2000:]
+    return int(found[-1])
+
+
+def _scattered(level, path, fmt):
+    if level == 0:
+        qemu_io(path, "write -P 0x11 0 8M", fmt=fmt)
+        return
+    qemu_io(path, *[f"write -P {0x30 + level} {mib * MiB + level * 192 * KiB} 64k" for mib in range(8)], fmt=fmt)
+
+
+def _read_all(path, size: int, workers: int = 4) -> bytes:
+    """The whole file in 4 KiB O_DIRECT reads, from `workers` threads at once."""
+    out = bytearray(size)
+    errors: list[BaseException] = []
+
+    def work(first: int) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        buf = mmap.mmap(-1, BLOCK)
+        try:
+            for offset in range(first * BLOCK, size, workers * BLOCK):
+                assert os.preadv(fd, [buf], offset) == BLOCK
+                out[offset : offset + BLOCK] = buf[:]
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            os.close(fd)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return bytes(out)
+
+
+@requires_fuse
+@pytest.mark.parametrize("options", ["share_io=threads", "share_io=inline"])
+def test_reads_on_reader_threads_equal_qemu(share, tmp_path, vfsnap_mount, options):
+    names = make_chain(share, "vol", size=8 * MiB, depth=3, base_fmt="raw", cluster_size=64 * KiB,
+                       writes=_scattered)
+    expected = flat_bytes(share / names[-1], tmp_path)
+    mnt = vfsnap_mount(options)
+    for _ in range(2):  # the first pass resolves the maps on the loop, the second needs none
+        assert _read_all(mnt.volume("vol"), 8 * MiB) == expected
+    os.mkdir(mnt.snapshot_dir("vol", "s"))
+    assert _read_all(mnt.snapshot("vol", "s"), 8 * MiB) == expected
+    mnt.stop()
+    # Most reads, once the maps were resolved, never reached the loop.
+    assert _answered_on_threads(mnt) >= 8 * MiB // BLOCK
+
+
+@requires_fuse
+def test_without_reader_threads_pyfuse3_answers_everything(share, tmp_path, vfsnap_mount):
+    names = make_chain(share, "vol", size=8 * MiB, depth=2, base_fmt="raw", cluster_size=64 * KiB,
+                       writes=_scattered)
+    expected = flat_bytes(share / names[-1], tmp_path)
+    mnt = vfsnap_mount("fuse_threads=0")
+    assert _read_all(mnt.volume("vol"), 8 * MiB) == expected
+    mnt.stop()
+    assert "answered on FUSE reader threads" not in mnt.log()
+
+
+@requires_fuse
+@pytest.mark.parametrize("options", ["share_io=threads", "share_io=inline"])
+def test_reads_racing_writes_snapshots_and_merges_never_go_back(share, vfsnap_mount, options):
+    """Writers count each 4 KiB block up (every byte of the block is its count); readers check
+    that a block reads no lower than the count finished before the read began and no higher than
+    the count begun by its end, while snapshots are taken and deleted (merges) all along."""
+    size = 4 * MiB
+    make_chain(share, "vol", size=size, depth=0)
+    mnt = vfsnap_mount(options)
+    path = mnt.volume("vol")
+    blocks = size // BLOCK
+    begun = [0] * blocks  # count written into the block, or being written
+    done = [0] * blocks  # count the block holds for sure
+    locks = [threading.Lock() for _ in range(blocks)]
+    stop = threading.Event()
+    failures: list[str] = []
+
+    def writer(seed: int) -> None:
+        rng = random.Random(seed)
+        fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+        buf = mmap.mmap(-1, BLOCK)
+        try:
+            while not stop.is_set():
+                block = rng.randrange(HOT)
+                with locks[block]:  # one writer per block at a time: its count only goes up
+                    if begun[block] == 255:
+                        continue
+                    begun[block] += 1
+                    buf[:] = bytes([begun[block]]) * BLOCK
+                    assert os.pwrite(fd, buf, block * BLOCK) == BLOCK
+                    done[block] = begun[block]
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(f"writer: {exc!r}")
+        finally:
+            os.close(fd)
+
+    def reader(seed: int) -> None:
+        rng = random.Random(seed)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        buf = mmap.mmap(-1, BLOCK)
+        try:
+            while not stop.is_set() and not failures:
+                block = rng.randrange(HOT) if rng.random() < 0.75 else rng.randrange(blocks)
+                low = done[block]
+                assert os.preadv(fd, [buf], block * BLOCK) == BLOCK
+                high = begun[block]
+                data = buf[:]
+                if not low <= min(data) <= max(data) <= high:
+                    failures.append(f"block {block}: read {min(data)}..{max(data)}, expected {low}..{high}")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(f"reader: {exc!r}")
+        finally:
+            os.close(fd)
+
+    def snapshotter() -> None:
+        taken: list[str] = []
+        n = 0
+        try:
+            while not stop.is_set() and not failures:
+                n += 1
+                name = f"s{n}"
+                os.mkdir(mnt.snapshot_dir("vol", name))
+                taken.append(name)
+                if len(taken) > 2:
+                    os.rmdir(mnt.snapshot_dir("vol", taken.pop(0)))  # a merge, in the background
+                time.sleep(0.1)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(f"snapshots: {exc!r}")
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(2)]
+    threads += [threading.Thread(target=reader, args=(100 + i,)) for i in range(4)]
+    threads.append(threading.Thread(target=snapshotter))
+    for t in threads:
+        t.start()
+    time.sleep(8)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    assert not failures, failures[:10]
+    # After the race, every block holds its last count, through the mount and on the share.
+    expected = b"".join(bytes([count]) * BLOCK for count in done)
+    assert _read_all(path, size) == expected
+    mnt.stop()
+    assert _answered_on_threads(mnt) > 0
+
+
+# -- the view's side: what a reader thread may touch ------------------------------------------
+
+
+def _qcow2_view(tmp_path):
+    from vfsnap.chain.view import View
+    from vfsnap.format.cache import TableCache
+    from vfsnap.format.qcow2 import Qcow2Image
+
+    path = tmp_path / "vol.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(path), str(4 * MiB))
+    image = Qcow2Image(os.open(path, os.O_RDWR), path.name, writable=True, table_cache=TableCache())
+    return View([image], name=path.name), image
+
+
+def test_read_now_answers_only_from_resolved_chunks_and_changes_nothing(tmp_path):
+    view, image = _qcow2_view(tmp_path)
+    try:
+        assert view.read_now(0, BLOCK) is None  # not resolved yet: the loop's job
+        assert not view._chunks
+        assert view.read(0, BLOCK) == bytes(BLOCK)  # the loop resolves the chunk
+        assert view.read_now(0, BLOCK) == bytes(BLOCK)
+        view.write(64 * KiB, b"\x5a" * (2 * BLOCK))
+        assert bytes(view.read_now(64 * KiB - BLOCK, 3 * BLOCK)) == bytes(BLOCK) + b"\x5a" * (2 * BLOCK)
+    finally:
+        os.close(image.fd)
+
+
+def test_a_write_replaces_the_chunk_a_reader_thread_may_hold(tmp_path):
+    view, image = _qcow2_view(tmp_path)
+    try:
+        view.write(0, b"\x11" * (64 * KiB))
+        view.read(0, BLOCK)
+        held = view._chunks[0]
+        before = (list(held.starts), list(held.ends), list(held.fds), list(held.hosts))
+        view.write(128 * KiB, b"\x22" * (64 * KiB))  # a new cluster: the map of chunk 0 changes
+        assert view._chunks[0] is not held
+        assert (held.starts, held.ends, held.fds, held.hosts) == before  # seen whole, as it was
+        assert view.read_now(128 * KiB, BLOCK) == b"\x22" * BLOCK
+    finally:
+        os.close(image.fd)
+
+
+async def test_a_chain_change_waits_for_reads_on_reader_threads_and_holds_new_ones_back():
+    import trio
+
+    from vfsnap.share.io import RequestGate
+
+    gate = RequestGate()
+    token = trio.lowlevel.current_trio_token()
+    seq = await trio.to_thread.run_sync(gate.enter_now)  # a read begins on a reader thread
+    assert seq is not None and gate.reads_in_flight
+    drained = trio.Event()
+
+    async def change() -> None:
+        async with gate.quiesced():
+            drained.set()
+            assert gate.enter_now() is None  # while it runs, reads go the loop's way
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(change)
+        await trio.sleep(0.2)
+        assert not drained.is_set()  # the change waits for the read in flight
+        await trio.to_thread.run_sync(gate.leave_now, seq, token)  # which ends on its thread
+        with trio.fail_after(5):
+            await drained.wait()
+    assert gate.enter_now() is not None  # and after it, reader threads answer again
