@@ -73,7 +73,8 @@ class KernelRelay:
         self._libfuse: socket.socket | None = None
         self._serving = True
         self._fast_in_flight = 0
-        self._idle = threading.Condition()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # `stop` waits on it for the reads under way
         self._ended = False
         self.fast_reads = 0  # answered here (for tests and `vfsnap status`)
 
@@ -117,7 +118,7 @@ class KernelRelay:
     def stop(self) -> None:
         """No more reads answered here; returns when those in progress are done (before the
         volumes close). Later requests all go to libfuse."""
-        with self._idle:
+        with self._lock:
             self._serving = False
             while self._fast_in_flight:
                 self._idle.wait()
@@ -139,24 +140,24 @@ class KernelRelay:
                     self._unmounted()
                     return
                 raise
-            opcode = IN_HEADER.unpack_from(request)[1]
-            if opcode == READ and self._answer_read(view, length):
+            _, opcode, unique, *_ = IN_HEADER.unpack_from(request)
+            if opcode == READ and self._answer_read(view, unique):
                 continue
             try:
                 libfuse.sendall(view[:length])
             except OSError:  # libfuse is gone (the loop ended): nobody will answer
                 return
 
-    def _answer_read(self, request: memoryview, length: int) -> bool:
-        with self._idle:
+    def _answer_read(self, request: memoryview, unique: int) -> bool:
+        with self._lock:
             # Two readers always stay free to pass requests on: reads of hung shares could
             # otherwise hold every reader, and nothing else would be read (each share's own
             # bound is ShareIO.run_here's).
             if not self._serving or self._fast_in_flight >= self.threads - 2:
                 return False
             self._fast_in_flight += 1
+        answered = False
         try:
-            unique = IN_HEADER.unpack_from(request)[2]
             fh, offset, size = READ_IN.unpack_from(request, IN_HEADER.size)
             try:
                 data = self.fast_read(fh, offset, size)
@@ -169,13 +170,15 @@ class KernelRelay:
                 os.writev(self.device, [OUT_HEADER.pack(OUT_HEADER.size + len(data), 0, unique), data])
             except OSError as exc:
                 if exc.errno not in (errno.ENOENT, errno.ENODEV):  # interrupted, or unmounted
-                    raise
-            self.fast_reads += 1
+                    log.error("reply to a read at %d: %s; libfuse answers it", offset, exc)
+                    return False
+            answered = True
             return True
         finally:
-            with self._idle:
+            with self._lock:
                 self._fast_in_flight -= 1
-                if not self._fast_in_flight:
+                self.fast_reads += answered
+                if not self._serving and not self._fast_in_flight:
                     self._idle.notify_all()
 
     def _relay_replies(self) -> None:
@@ -198,7 +201,7 @@ class KernelRelay:
 
     def _unmounted(self) -> None:
         # Every reader sees ENODEV; libfuse, reading the socket, never does: told once.
-        with self._idle:
+        with self._lock:
             first, self._ended = not self._ended, True
         if first and self.on_unmounted is not None:
             self.on_unmounted()

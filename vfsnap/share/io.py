@@ -72,7 +72,7 @@ class ShareIO:
         self._delivery_pending = False
         # Reads a FUSE reader thread answers itself (`run_here`), bounded like the workers: a
         # share that hangs holds at most this many of the mount's readers (rule 2).
-        self._here = threading.BoundedSemaphore(self.threads)
+        self._here = 0
 
     # -- health -----------------------------------------------------------------------------
 
@@ -127,14 +127,21 @@ class ShareIO:
         the same way (rule 3). Returns None without calling `fn` while the share is not
         answering or `threads` such calls are under way: the request then takes the loop's way,
         to the share's own workers, and the reader is free for other shares' requests."""
-        if self.not_answering or not self._here.acquire(blocking=False):
-            return None
-        token = self._begin(what)
+        token = next(self._ids)
+        now = time.monotonic()
+        with self._lock:  # one lock for the bound, the health check and the registry
+            if self._here >= self.threads or self._gave_up:
+                return None
+            if self._in_flight and now - min(start for start, _ in self._in_flight.values()) > HUNG_AFTER:
+                return None
+            self._here += 1
+            self._in_flight[token] = (now, what)
         try:
             return fn(*args)
         finally:
-            self._end(token)
-            self._here.release()
+            with self._lock:
+                self._here -= 1
+                del self._in_flight[token]
 
     def _start_workers(self) -> None:
         for i in range(self.threads):
