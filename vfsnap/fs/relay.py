@@ -192,7 +192,9 @@ class KernelRelay:
             if not length:  # libfuse closed its end (pyfuse3.close)
                 return
             try:
-                os.write(self.device, view[:length])
+                # writev, not write: os.write is how vfsnap writes share files, and only those
+                # count for tests/faults.py's injected failures and crashes.
+                os.writev(self.device, [view[:length]])
             except OSError as exc:
                 if exc.errno == errno.ENODEV:
                     return
