@@ -12,6 +12,7 @@ import mmap
 import os
 import random
 import re
+import subprocess
 import threading
 import time
 
@@ -19,6 +20,8 @@ import pytest
 
 from tests.conftest import requires_fuse
 from tests.qemu import flat_bytes, make_chain, qemu_img, qemu_io
+from tests.test_faults import OPTIONS as FAULT_OPTIONS
+from tests.test_faults import mounts  # noqa: F401 (fixture)
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -245,3 +248,78 @@ async def test_a_chain_change_waits_for_reads_on_reader_threads_and_holds_new_on
         with trio.fail_after(5):
             await drained.wait()
     assert gate.enter_now() is not None  # and after it, reader threads answer again
+
+
+def test_direct_io_opens_are_answered_with_parallel_direct_writes():
+    from vfsnap.fs.relay import (FOPEN_DIRECT_IO, FOPEN_PARALLEL_DIRECT_WRITES, OPEN_OUT, OUT_HEADER,
+                                 KernelRelay)
+
+    relay = KernelRelay(lambda *args: None)
+
+    def answered(unique: int, flags: int, *, error: int = 0, asked: bool = True) -> int:
+        reply = bytearray(OUT_HEADER.size + OPEN_OUT.size + 4)
+        OUT_HEADER.pack_into(reply, 0, len(reply), error, unique)
+        OPEN_OUT.pack_into(reply, OUT_HEADER.size, 7, flags)
+        if asked:
+            relay._opens.add(unique)
+        relay._allow_parallel_writes(reply, len(reply) if not error else OUT_HEADER.size)
+        fh, got = OPEN_OUT.unpack_from(reply, OUT_HEADER.size)
+        assert fh == 7
+        return got
+
+    assert answered(1, FOPEN_DIRECT_IO) == FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES
+    assert answered(2, 0) == 0  # page cache opens: the kernel's own locking stays
+    assert answered(3, FOPEN_DIRECT_IO, asked=False) == FOPEN_DIRECT_IO  # not an OPEN's reply
+    assert answered(4, FOPEN_DIRECT_IO, error=-2) == FOPEN_DIRECT_IO  # a failed open
+    assert not relay._opens
+
+
+def _fuse_requests_waiting(mountpoint) -> int:
+    """Requests of the mount's FUSE connection sent to vfsnap and not answered yet (fusectl)."""
+    connections = "/sys/fs/fuse/connections"
+    if not os.listdir(connections) and not os.path.ismount(connections):
+        subprocess.run(["mount", "-t", "fusectl", "none", connections], check=True)
+    with open(f"{connections}/{os.minor(os.stat(mountpoint).st_dev)}/waiting") as f:
+        return int(f.read())
+
+
+@requires_fuse
+@pytest.mark.parametrize("fuse_threads, together", [(24, 4), (0, 1)])
+def test_direct_writes_of_one_volume_reach_vfsnap_together(mounts, tmp_path, fuse_threads, together):  # noqa: F811
+    """With reader threads, an O_DIRECT open is answered with FOPEN_PARALLEL_DIRECT_WRITES: four
+    writers of one volume have their writes in vfsnap at once (which orders them itself), where
+    the kernel would otherwise send them one at a time. A slow share (each pwrite 0.5 s) keeps
+    them there long enough to count them."""
+    share = tmp_path / "share"
+    share.mkdir()
+    make_chain(share, "a", size=8 * MiB, depth=1)
+    mnt = mounts.start(share, faults="slow:0.5", ops="pwrite",
+                       options=f"{FAULT_OPTIONS},share_io=threads,fuse_threads={fuse_threads}")
+
+    fds = [os.open(mnt.volume("a"), os.O_WRONLY | os.O_DIRECT) for _ in range(4)]  # no open in flight
+
+    def write(cluster: int) -> None:
+        buf = mmap.mmap(-1, BLOCK)
+        buf[:] = bytes([0x40 + cluster]) * BLOCK
+        assert os.pwrite(fds[cluster], buf, cluster * 64 * KiB) == BLOCK
+
+    try:
+        writers = [threading.Thread(target=write, args=(c,)) for c in range(4)]
+        for t in writers:
+            t.start()
+        most = 0
+        while any(t.is_alive() for t in writers):
+            most = max(most, _fuse_requests_waiting(mnt.path))
+            time.sleep(0.02)
+        for t in writers:
+            t.join()
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert most == together
+    fd = os.open(mnt.volume("a"), os.O_RDONLY)
+    try:
+        for c in range(4):
+            assert os.pread(fd, BLOCK, c * 64 * KiB) == bytes([0x40 + c]) * BLOCK
+    finally:
+        os.close(fd)

@@ -32,10 +32,13 @@ import threading
 
 log = logging.getLogger(__name__)
 
-READ = 15
+OPEN, READ = 14, 15
 IN_HEADER = struct.Struct("<IIQQIIIHH")  # len opcode unique nodeid uid gid pid total_extlen padding
 OUT_HEADER = struct.Struct("<IiQ")  # len error unique
 READ_IN = struct.Struct("<QQI")  # fh offset size (then read_flags lock_owner flags padding)
+OPEN_OUT = struct.Struct("<QI")  # fh open_flags (then padding)
+FOPEN_DIRECT_IO = 1 << 0
+FOPEN_PARALLEL_DIRECT_WRITES = 1 << 6  # kernel 6.2 on; libfuse 3.15 on (Debian 12 has 3.14)
 FUSE_DEV_IOC_CLONE = 0x8004E500  # _IOR(229, 0, uint32_t)
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # asm-generic/socket.h; not in Python's socket module
 
@@ -76,6 +79,7 @@ class KernelRelay:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # `stop` waits on it for the reads under way
         self._ended = False
+        self._opens: set[int] = set()  # OPEN requests passed to libfuse, not answered yet
         self.fast_reads = 0  # answered here (for tests and `vfsnap status`)
 
     def start(self) -> bool:
@@ -143,6 +147,9 @@ class KernelRelay:
             _, opcode, unique, *_ = IN_HEADER.unpack_from(request)
             if opcode == READ and self._answer_read(view, unique):
                 continue
+            if opcode == OPEN:
+                with self._lock:
+                    self._opens.add(unique)  # its reply gets parallel direct writes
             try:
                 libfuse.sendall(view[:length])
             except OSError:  # libfuse is gone (the loop ended): nobody will answer
@@ -191,6 +198,8 @@ class KernelRelay:
                 return
             if not length:  # libfuse closed its end (pyfuse3.close)
                 return
+            if self._opens:
+                self._allow_parallel_writes(reply, length)
             try:
                 # writev, not write: os.write is how vfsnap writes share files, and only those
                 # count for tests/faults.py's injected failures and crashes.
@@ -200,6 +209,24 @@ class KernelRelay:
                     return
                 if exc.errno != errno.ENOENT:  # ENOENT: the request was interrupted meanwhile
                     log.error("reply to the kernel: %s", exc)
+
+    def _allow_parallel_writes(self, reply: bytearray, length: int) -> None:
+        """An open answered with direct_io (vfsnap gives it to O_DIRECT opens of volumes) also
+        gets FOPEN_PARALLEL_DIRECT_WRITES, which pyfuse3 cannot set: without it the kernel
+        holds the file's inode lock over each direct write and sends the writes of one file
+        one at a time (bench/fuse_parallel_writes.py). vfsnap orders them itself (the volume's
+        write lock, vfsnap/share/io.py rule 4); what several writes in flight give is the
+        request's way in and out overlapping the previous write's wait for the share."""
+        _, error, unique = OUT_HEADER.unpack_from(reply)
+        with self._lock:
+            if unique not in self._opens:
+                return
+            self._opens.discard(unique)
+        if error or length < OUT_HEADER.size + OPEN_OUT.size:
+            return
+        fh, flags = OPEN_OUT.unpack_from(reply, OUT_HEADER.size)
+        if flags & FOPEN_DIRECT_IO:
+            OPEN_OUT.pack_into(reply, OUT_HEADER.size, fh, flags | FOPEN_PARALLEL_DIRECT_WRITES)
 
     def _unmounted(self) -> None:
         # Every reader sees ENODEV; libfuse, reading the socket, never does: told once.
