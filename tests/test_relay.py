@@ -69,8 +69,13 @@ def _read_all(path, size: int, workers: int = 4) -> bytes:
     return bytes(out)
 
 
+# A local directory's I/O stays on the loop (`share_io=inline`): reader threads come only when
+# asked for there (`fuse_threads=auto` gives them to network shares).
+RELAYED = ["share_io=threads", "share_io=inline,fuse_threads=24"]
+
+
 @requires_fuse
-@pytest.mark.parametrize("options", ["share_io=threads", "share_io=inline"])
+@pytest.mark.parametrize("options", RELAYED)
 def test_reads_on_reader_threads_equal_qemu(share, tmp_path, vfsnap_mount, options):
     names = make_chain(share, "vol", size=8 * MiB, depth=3, base_fmt="raw", cluster_size=64 * KiB,
                        writes=_scattered)
@@ -86,18 +91,39 @@ def test_reads_on_reader_threads_equal_qemu(share, tmp_path, vfsnap_mount, optio
 
 
 @requires_fuse
-def test_without_reader_threads_pyfuse3_answers_everything(share, tmp_path, vfsnap_mount):
+@pytest.mark.parametrize("options", ["fuse_threads=0", "", "fuse_threads=auto"])
+def test_without_reader_threads_pyfuse3_answers_everything(share, tmp_path, vfsnap_mount, options):
+    """`fuse_threads=0`, and the default (`auto`) on a local directory: its writes into the page
+    cache cost half as much without the relay's extra hop (bench/write_bench.py)."""
     names = make_chain(share, "vol", size=8 * MiB, depth=2, base_fmt="raw", cluster_size=64 * KiB,
                        writes=_scattered)
     expected = flat_bytes(share / names[-1], tmp_path)
-    mnt = vfsnap_mount("fuse_threads=0")
+    mnt = vfsnap_mount(options)
     assert _read_all(mnt.volume("vol"), 8 * MiB) == expected
     mnt.stop()
     assert "answered on FUSE reader threads" not in mnt.log()
 
 
+@pytest.mark.parametrize("text, value", [("", None), ("fuse_threads=auto", None), ("fuse_threads=0", 0),
+                                         ("fuse_threads=8", 8)])
+def test_fuse_threads_option(text, value):
+    from vfsnap.options import parse_options
+
+    assert parse_options(text).fuse_threads == value
+
+
+@pytest.mark.parametrize("text, message", [("fuse_threads=2", "fuse_threads must be auto, 0 or at least 3"),
+                                           ("fuse_threads=many", "bad value for mount option fuse_threads")])
+def test_bad_fuse_threads_are_refused_with_a_clear_message(text, message):
+    from vfsnap.errors import InvalidName
+    from vfsnap.options import parse_options
+
+    with pytest.raises(InvalidName, match=message):
+        parse_options(text)
+
+
 @requires_fuse
-@pytest.mark.parametrize("options", ["share_io=threads", "share_io=inline"])
+@pytest.mark.parametrize("options", RELAYED)
 def test_reads_racing_writes_snapshots_and_merges_never_go_back(share, vfsnap_mount, options):
     """Writers count each 4 KiB block up (every byte of the block is its count); readers check
     that a block reads no lower than the count finished before the read began and no higher than

@@ -31,6 +31,14 @@ def _size(text: str) -> int:
     return int(text)
 
 
+def _threads(text: str) -> int | None:
+    return None if text == "auto" else int(text)
+
+
+# Reader threads with `fuse_threads=auto` on a mount with a network share (vfsnap/fs/relay.py).
+DEFAULT_FUSE_THREADS = 24
+
+
 @attrs.frozen
 class MountOptions:
     read_only: bool = False
@@ -53,7 +61,9 @@ class MountOptions:
     clone_copy_rate: int = 0  # bytes/s a clone's background copy goes through (0: no limit)
     share_io: str = "auto"  # auto, threads, inline: where share I/O runs (vfsnap/share/io.py)
     share_threads: int = 16  # worker threads per share for requests in flight
-    fuse_threads: int = 24  # threads reading FUSE requests, answering reads (vfsnap/fs/relay.py); 0: pyfuse3 alone
+    # Threads reading FUSE requests, answering reads (vfsnap/fs/relay.py); 0: pyfuse3 alone;
+    # None (`auto`): DEFAULT_FUSE_THREADS when a share's I/O goes to threads (network shares), else 0.
+    fuse_threads: int | None = None
     log_file: str | None = None
     log_level: str = "info"
     foreground: bool = False
@@ -99,8 +109,8 @@ def parse_options(text: str | None, **overrides) -> MountOptions:
         raise InvalidName("share_io must be auto, threads or inline")
     if values.get("share_threads", 1) < 1:
         raise InvalidName("share_threads must be at least 1")
-    if not (values.get("fuse_threads", 0) == 0 or values.get("fuse_threads", 0) >= 3):
-        raise InvalidName("fuse_threads must be 0 or at least 3")
+    if values.get("fuse_threads") not in (None, 0) and values["fuse_threads"] < 3:
+        raise InvalidName("fuse_threads must be auto, 0 or at least 3")
     if values.get("max_chain_depth", 1) < 1:
         raise InvalidName("max_chain_depth must be at least 1")
     if values.get("max_over_subscription_ratio", 1.0) <= 0:
@@ -127,7 +137,7 @@ _VALUED = {
     "clone_copy_rate": ("clone_copy_rate", _size),
     "share_io": ("share_io", str),
     "share_threads": ("share_threads", int),
-    "fuse_threads": ("fuse_threads", int),
+    "fuse_threads": ("fuse_threads", _threads),
     "log": ("log_file", str),
     "log_file": ("log_file", str),
     "log_level": ("log_level", str),

@@ -17,7 +17,8 @@ hands each request to one reader):
 
 Nothing about the protocol is decided here but the reply to a READ: libfuse still negotiates
 INIT and answers everything it did before. Without the privilege to size the socket for 1 MiB
-requests (SO_SNDBUFFORCE: root), or with `fuse_threads=0`, pyfuse3 reads the device alone.
+requests (SO_SNDBUFFORCE: root), with `fuse_threads=0`, or by default on a mount of local
+directories only (vfsnap/cli/mount.py says why), pyfuse3 reads the device alone.
 """
 
 from __future__ import annotations

@@ -94,15 +94,20 @@ class ShareIO:
                 return True
             if not self._in_flight:
                 return False
-            oldest = min(start for start, _ in self._in_flight.values())
+            oldest = self._oldest()[0]
         return time.monotonic() - oldest > HUNG_AFTER
+
+    def _oldest(self) -> tuple[float, str]:
+        # Calls enter the registry with their start time read under the lock, so in the order
+        # of their start: the first left is the oldest (a dict keeps insertion order).
+        return next(iter(self._in_flight.values()))
 
     def oldest_call(self) -> tuple[float, str] | None:
         """(seconds outstanding, what) of the oldest call in flight, for `vfsnap status`."""
         with self._lock:
             if not self._in_flight:
                 return None
-            start, what = min(self._in_flight.values())
+            start, what = self._oldest()
         return time.monotonic() - start, what
 
     # -- data calls (awaited by request handlers) ---------------------------------------------
@@ -128,11 +133,11 @@ class ShareIO:
         answering or `threads` such calls are under way: the request then takes the loop's way,
         to the share's own workers, and the reader is free for other shares' requests."""
         token = next(self._ids)
-        now = time.monotonic()
         with self._lock:  # one lock for the bound, the health check and the registry
+            now = time.monotonic()
             if self._here >= self.threads or self._gave_up:
                 return None
-            if self._in_flight and now - min(start for start, _ in self._in_flight.values()) > HUNG_AFTER:
+            if self._in_flight and now - self._oldest()[0] > HUNG_AFTER:
                 return None
             self._here += 1
             self._in_flight[token] = (now, what)
