@@ -185,13 +185,22 @@ def gluster_volume(tmp_path_factory):
 
 @pytest.fixture
 def gluster_client(gluster_volume, tmp_path):
-    """The volume mounted with the glusterfs FUSE client, as a Cinder host sees it; emptied at teardown."""
+    """The volume mounted with the glusterfs FUSE client, as a Cinder host sees it; empty at the
+    start (tests that mount the session's volume themselves, such as the hung-share ones, may
+    leave files on it) and emptied at teardown."""
     path = tmp_path / "gluster-client"
     path.mkdir()
     result = _run("mount", "-t", "glusterfs", gluster_volume.spec, str(path), timeout=60)
     if result.returncode != 0:
         pytest.fail(f"mount -t glusterfs {gluster_volume.spec} failed: {result.stderr.strip()}")
+    _empty(path)
     yield path
+    _empty(path)
+    if _run("umount", str(path), timeout=30).returncode != 0:
+        _run("umount", "-l", str(path), timeout=30)
+
+
+def _empty(path: Path) -> None:
     for entry in path.iterdir():
         if entry.name == ".trashcan":  # GlusterFS's own
             continue
@@ -199,8 +208,6 @@ def gluster_client(gluster_volume, tmp_path):
             shutil.rmtree(entry)
         else:
             entry.unlink()
-    if _run("umount", str(path), timeout=30).returncode != 0:
-        _run("umount", "-l", str(path), timeout=30)
 
 
 def remove_volume(name: str) -> None:
