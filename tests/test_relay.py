@@ -270,7 +270,7 @@ async def test_a_chain_change_waits_for_reads_on_reader_threads_and_holds_new_on
         nursery.start_soon(change)
         await trio.sleep(0.2)
         assert not drained.is_set()  # the change waits for the read in flight
-        await trio.to_thread.run_sync(gate.leave_now, seq, token)  # which ends on its thread
+        await trio.to_thread.run_sync(gate.leave, seq, token)  # which ends on its thread
         with trio.fail_after(5):
             await drained.wait()
     assert gate.enter_now() is not None  # and after it, reader threads answer again

@@ -81,7 +81,7 @@ class KernelRelay:
         self._idle = threading.Condition(self._lock)  # `stop` waits on it for the reads under way
         self._ended = False
         self._opens: set[int] = set()  # OPEN requests passed to libfuse, not answered yet
-        self.fast_reads = 0  # answered here (for tests and `vfsnap status`)
+        self.fast_reads = 0  # answered here (logged at the end, for tests and operators)
 
     def start(self) -> bool:
         """Put the relay between the kernel and libfuse (before pyfuse3.main reads anything).

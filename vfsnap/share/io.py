@@ -5,8 +5,8 @@ Rules (docs/design-notes.md, "Requests in flight"):
 1. The trio thread owns every in-memory structure (views and their chunks, tables, refcounts,
    dirty sets). The FUSE reader threads (vfsnap/fs/relay.py) only read resolved chunks, which
    the loop replaces instead of changing them (`View.read_now`, `View._patch`), inside the
-   volume's request gate (`RequestGate.enter_now`). A worker thread runs only blocking system calls on a share descriptor, or a
-   piece of the qcow2 writer while the volume's write lock hands the image's write state to it
+   volume's request gate (`RequestGate.enter_now`). A worker thread runs only blocking system
+   calls on a share descriptor, or a piece of the qcow2 writer while the volume's write lock hands the image's write state to it
    (`View.write_async`; a clone's copy step), or a merge's copy step, whose target's write state
    is the merge's alone (`Merge.copy_step`): never code that touches a view's chunks. Tables
    they load are cached only if the image's tables did not change meanwhile (its epoch).
@@ -90,12 +90,11 @@ class ShareIO:
     @property
     def not_answering(self) -> bool:
         with self._lock:
-            if self._gave_up:
-                return True
-            if not self._in_flight:
-                return False
-            oldest = self._oldest()[0]
-        return time.monotonic() - oldest > HUNG_AFTER
+            return self._hung(time.monotonic())
+
+    def _hung(self, now: float) -> bool:
+        """`not_answering`, under the lock."""
+        return bool(self._gave_up) or bool(self._in_flight) and now - self._oldest()[0] > HUNG_AFTER
 
     def _oldest(self) -> tuple[float, str]:
         # Calls enter the registry with their start time read under the lock, so in the order
@@ -135,9 +134,7 @@ class ShareIO:
         token = next(self._ids)
         with self._lock:  # one lock for the bound, the health check and the registry
             now = time.monotonic()
-            if self._here >= self.threads or self._gave_up:
-                return None
-            if self._in_flight and now - self._oldest()[0] > HUNG_AFTER:
+            if self._here >= self.threads or self._hung(now):
                 return None
             self._here += 1
             self._in_flight[token] = (now, what)
@@ -277,12 +274,21 @@ class RequestGate:
                 self._waiters += 1
             await self._wait()
 
-    def leave(self, seq: int) -> None:
+    def leave(self, seq: int, trio_token=None) -> None:
+        """A request is done. From a FUSE reader thread, with the loop's `trio_token`: a
+        waiting drain is then woken on the loop."""
         with self._mutex:
             del self._active[seq]
             wake = self._waiters > 0
-        if wake:
+        if not wake:
+            return
+        if trio_token is None:
             self._notify()
+            return
+        try:
+            trio_token.run_sync_soon(self._notify)
+        except trio.RunFinishedError:
+            pass
 
     def enter_now(self) -> int | None:
         """A read entering from a FUSE reader thread: its number, or None while a chain change
@@ -293,17 +299,6 @@ class RequestGate:
             self._seq += 1
             self._active[self._seq] = True
             return self._seq
-
-    def leave_now(self, seq: int, trio_token) -> None:
-        """`leave` from a FUSE reader thread: a waiting drain is woken on the loop."""
-        with self._mutex:
-            del self._active[seq]
-            wake = self._waiters > 0
-        if wake:
-            try:
-                trio_token.run_sync_soon(self._notify)
-            except trio.RunFinishedError:
-                pass
 
     def _notify(self) -> None:
         self._changed.set()

@@ -517,7 +517,7 @@ class Volume:
         try:
             return self.share.io.run_here("read", view.read_now, offset, length)
         finally:
-            gate.leave_now(seq, trio_token)
+            gate.leave(seq, trio_token)
 
     async def write(self, view: View, offset: int, data) -> int:
         """Write `data` at `offset` of the live `view`. On a network share one write of the
