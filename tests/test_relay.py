@@ -300,12 +300,18 @@ def test_direct_io_opens_are_answered_with_parallel_direct_writes():
     assert not relay._opens
 
 
+FUSECTL = "/sys/fs/fuse/connections"
+
+
+def _mount_fusectl() -> None:
+    """Before the mount: fusectl mounted after it showed its connection's `waiting` as 0 here."""
+    if not os.path.ismount(FUSECTL):
+        subprocess.run(["mount", "-t", "fusectl", "none", FUSECTL], check=True)
+
+
 def _fuse_requests_waiting(mountpoint) -> int:
     """Requests of the mount's FUSE connection sent to vfsnap and not answered yet (fusectl)."""
-    connections = "/sys/fs/fuse/connections"
-    if not os.listdir(connections) and not os.path.ismount(connections):
-        subprocess.run(["mount", "-t", "fusectl", "none", connections], check=True)
-    with open(f"{connections}/{os.minor(os.stat(mountpoint).st_dev)}/waiting") as f:
+    with open(f"{FUSECTL}/{os.minor(os.stat(mountpoint).st_dev)}/waiting") as f:
         return int(f.read())
 
 
@@ -319,6 +325,7 @@ def test_direct_writes_of_one_volume_reach_vfsnap_together(mounts, tmp_path, fus
     share = tmp_path / "share"
     share.mkdir()
     make_chain(share, "a", size=8 * MiB, depth=1)
+    _mount_fusectl()
     mnt = mounts.start(share, faults="slow:0.5", ops="pwrite",
                        options=f"{FAULT_OPTIONS},share_io=threads,fuse_threads={fuse_threads}")
 
