@@ -97,11 +97,12 @@ def mounts(monkeypatch, tmp_path: Path):
         pytest.fail("vfsnap logged unexpected errors:\n" + "\n".join(errors[:20]))
 
 
-def count_operations(mounts: Mounts, template: Path, work: Path, action, *, ops: str | None = None) -> int:
+def count_operations(mounts: Mounts, template: Path, work: Path, action, *, ops: str | None = None,
+                     options: str = OPTIONS) -> int:
     """How many (counted) share operations a mount of a copy of `template` makes for `action`."""
     share = fresh_copy(template, work / "count")
     report = work / "count.report"
-    mnt = mounts.start(share, faults="count", ops=ops, report=report)
+    mnt = mounts.start(share, faults="count", ops=ops, report=report, options=options)
     try:
         action(mnt)
     finally:
@@ -263,13 +264,14 @@ def wait_for_log(mnt: Mount, predicate, timeout: float = 5.0) -> list[str]:
         time.sleep(0.05)
 
 
-def write_case(mounts: Mounts, template, work: Path, n: int, err: str) -> None:
+def write_case(mounts: Mounts, template, work: Path, n: int, err: str, *, options: str = OPTIONS) -> Mount:
     """A program writes, fsyncs, and on an error retries on the same open file (as a
-    hypervisor does); then closes. The fault hits the N-th share operation of all that."""
+    hypervisor does); then closes. The fault hits the N-th share operation of all that.
+    Returns the (stopped) mount that failed."""
     share_template, before = template
     share = fresh_copy(share_template, work / "share")
     first, second = b"\xee" * WRITE_LENGTH, b"\x5a" * WRITE_LENGTH
-    mnt = mounts.start(share, faults=f"error:{n}:{err}")
+    mnt = failed_mount = mounts.start(share, faults=f"error:{n}:{err}", options=options)
     try:
         fd = os.open(mnt.volume("vol"), os.O_WRONLY)
         try:
@@ -307,6 +309,7 @@ def write_case(mounts: Mounts, template, work: Path, n: int, err: str) -> None:
         assert_views(mnt, expected, "after a remount")
     finally:
         mnt.stop()
+    return failed_mount
 
 
 def incompatible_features(path: Path) -> int:
@@ -337,11 +340,11 @@ def test_dirty_bit_is_on_disk_while_metadata_is_unwritten_after_a_failed_first_w
     assert_share_clean(share)
 
 
-def count_write(mounts, template, work) -> int:
+def count_write(mounts, template, work, *, options: str = OPTIONS) -> int:
     def action(mnt: Mount) -> None:
         assert guest_write(mnt, b"\xee" * WRITE_LENGTH) == {"write": None, "fsync": None}
 
-    return count_operations(mounts, template[0], work, action)
+    return count_operations(mounts, template[0], work, action, options=options)
 
 
 @pytest.mark.parametrize("err", list(ERRNOS))

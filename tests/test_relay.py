@@ -1,13 +1,17 @@
-"""Reads answered on FUSE reader threads, the rest relayed to pyfuse3 (vfsnap/fs/relay.py, issue 12).
+"""Reads and writes answered on FUSE reader threads, the rest relayed to pyfuse3
+(vfsnap/fs/relay.py, issue 12).
 
-The threads answer only from maps the loop resolved, while the loop patches them after writes and
-replaces them on snapshots and merges: the bytes must stay those of the chain (qemu-img convert),
-and a read may see a block as it was before or after a write that overlaps it, never older than
-a write finished before the read began, nor anything that was never written there.
+The threads read only from maps the loop resolved, while writes (on the loop or on the threads)
+patch them and the loop replaces them on snapshots and merges: the bytes must stay those of the
+chain (qemu-img convert), and a read may see a block as it was before or after a write that
+overlaps it, never older than a write finished before the read began, nor anything that was
+never written there. A write on a thread holds the volume's write lock as one on the loop does,
+and its errors reach the program that wrote.
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import random
@@ -20,8 +24,9 @@ import pytest
 
 from tests.conftest import requires_fuse
 from tests.qemu import flat_bytes, make_chain, qemu_img, qemu_io
+from tests.test_faults import ERRNOS, count_write, middle, write_case
 from tests.test_faults import OPTIONS as FAULT_OPTIONS
-from tests.test_faults import mounts  # noqa: F401 (fixture)
+from tests.test_faults import mounts, template  # noqa: F401 (fixtures)
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -29,10 +34,11 @@ BLOCK = 4 * KiB
 HOT = 256  # blocks the writers write: readers mostly read there too
 
 
-def _answered_on_threads(mnt) -> int:
-    found = re.findall(r"(\d+) reads were answered on FUSE reader threads", mnt.log())
+def _answered_on_threads(mnt, what: str = "reads") -> int:
+    found = re.findall(r"(\d+) reads and (\d+) writes were answered on FUSE reader threads", mnt.log())
     assert found, "the mount did not report its reader threads:\n" + mnt.log()[-2000:]
-    return int(found[-1])
+    reads, writes = found[-1]
+    return int(reads if what == "reads" else writes)
 
 
 def _scattered(level, path, fmt):
@@ -187,6 +193,10 @@ def test_reads_racing_writes_snapshots_and_merges_never_go_back(share, vfsnap_mo
                 taken.append(name)
                 if len(taken) > 2:
                     os.rmdir(mnt.snapshot_dir("vol", taken.pop(0)))  # a merge, in the background
+                if n % 3 == 0:
+                    # The newest: the live image merges down while written (the merge watches
+                    # the writes: View.observers).
+                    os.rmdir(mnt.snapshot_dir("vol", taken.pop()))
                 time.sleep(0.1)
         except BaseException as exc:  # noqa: BLE001 - reported below
             failures.append(f"snapshots: {exc!r}")
@@ -206,6 +216,8 @@ def test_reads_racing_writes_snapshots_and_merges_never_go_back(share, vfsnap_mo
     assert _read_all(path, size) == expected
     mnt.stop()
     assert _answered_on_threads(mnt) > 0
+    if "share_io=threads" in options:  # writes too, on a network share's volume
+        assert _answered_on_threads(mnt, "writes") > 0
 
 
 # -- the view's side: what a reader thread may touch ------------------------------------------
@@ -248,6 +260,134 @@ def test_a_write_replaces_the_chunk_a_reader_thread_may_hold(tmp_path):
         assert view.read_now(128 * KiB, BLOCK) == b"\x22" * BLOCK
     finally:
         os.close(image.fd)
+
+
+def test_a_chunk_resolved_across_a_write_on_a_reader_thread_is_resolved_again(tmp_path):
+    """The loop resolves a chunk from the top's tables while a reader thread's write changes
+    them and patches the view (where the chunk is not yet): the chunk it resolved is stale and
+    must not be kept (the map's epoch, View._chunk)."""
+    view, image = _qcow2_view(tmp_path)
+    resolve = view._resolve
+    writes = []
+
+    def resolve_while_a_thread_writes(index):
+        chunk = resolve(index)  # from the tables as they are before the write
+        if not writes:
+            writer = threading.Thread(target=lambda: writes.append(view.write_now(0, b"\x33" * BLOCK, None)))
+            writer.start()
+            writer.join()
+        return chunk
+
+    view._resolve = resolve_while_a_thread_writes
+    try:
+        assert view.read(0, BLOCK) == b"\x33" * BLOCK
+        assert writes == [BLOCK]
+        assert view.read_now(0, BLOCK) == b"\x33" * BLOCK
+    finally:
+        os.close(image.fd)
+
+
+async def test_the_write_lock_passes_between_reader_threads_and_the_loop():
+    import trio
+
+    from vfsnap.share.io import WriteLock
+
+    lock = WriteLock()
+    token = trio.lowlevel.current_trio_token()
+    assert await trio.to_thread.run_sync(lock.acquire_now)  # a write on a reader thread
+    got = trio.Event()
+    done = trio.Event()
+
+    async def flush() -> None:
+        async with lock:
+            got.set()
+            await done.wait()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flush)
+        await trio.sleep(0.2)
+        assert not got.is_set()  # the flush waits, without blocking the loop
+        # New writes on threads stand back while it waits (they go the loop's way): a stream of
+        # them cannot starve it.
+        assert not await trio.to_thread.run_sync(lock.acquire_now)
+        await trio.to_thread.run_sync(lock.release, token)  # the thread's write ends
+        with trio.fail_after(5):
+            await got.wait()
+        assert lock.locked()
+        done.set()
+    assert not lock.locked()
+    assert await trio.to_thread.run_sync(lock.acquire_now)
+    lock.release()
+
+
+@requires_fuse
+def test_writes_on_reader_threads_equal_qemu(share, tmp_path, vfsnap_mount):
+    """Writes of every shape (inside a cluster, across clusters, whole clusters, past the end)
+    answered on the reader threads, four writers at once: the chain as QEMU reads it equals
+    what was written."""
+    size = 8 * MiB
+    names = make_chain(share, "vol", size=size, depth=2, base_fmt="raw", cluster_size=64 * KiB,
+                       writes=_scattered)
+    expected = bytearray(flat_bytes(share / names[-1], tmp_path))
+    mnt = vfsnap_mount("share_io=threads")
+    path = mnt.volume("vol")
+    rng = random.Random(7)
+    plan = []  # (offset, length, byte): each writer its own quarter of the disk, so the order within it holds
+    for writer in range(4):
+        for n in range(60):
+            length = rng.choice([512, BLOCK, 60 * KiB, 64 * KiB, 200 * KiB])
+            offset = writer * size // 4 + rng.randrange(0, size // 4 - length, 512)
+            plan.append((writer, offset, length, 1 + (writer * 60 + n) % 250))
+    failures = []
+
+    def write(writer: int) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+        try:
+            for who, offset, length, byte in plan:
+                if who == writer:
+                    buf = mmap.mmap(-1, length)
+                    buf[:] = bytes([byte]) * length
+                    assert os.pwrite(fd, buf, offset) == length
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+        finally:
+            os.close(fd)
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures
+    for _, offset, length, byte in plan:
+        expected[offset : offset + length] = bytes([byte]) * length
+    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, 2 * BLOCK)
+        buf[:] = b"\x77" * (2 * BLOCK)
+        assert os.pwrite(fd, buf, size - BLOCK) == BLOCK  # short at the end of the disk
+        expected[size - BLOCK :] = b"\x77" * BLOCK
+        with pytest.raises(OSError) as error:
+            os.pwrite(fd, buf, size)  # past it
+        assert error.value.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    assert _read_all(path, size) == bytes(expected)
+    mnt.stop()
+    assert _answered_on_threads(mnt, "writes") >= len(plan)
+    assert qemu_img("check", str(share / names[-1])).returncode == 0
+    assert flat_bytes(share / names[-1], tmp_path) == bytes(expected)
+
+
+@pytest.mark.parametrize("err", list(ERRNOS))
+def test_a_write_failing_on_a_reader_thread_reports_the_error_and_can_be_retried(mounts, template, tmp_path, err):  # noqa: F811
+    """tests/test_faults.py's write case, with the writes answered on the reader threads: the
+    share fails in the middle of a write; the error reaches the program, the views are as
+    before, the retried write works, and the share is left clean."""
+    options = f"{FAULT_OPTIONS},share_io=threads"
+    total = count_write(mounts, template, tmp_path, options=options)
+    failed = write_case(mounts, template, tmp_path, middle(total), err, options=options)
+    assert _answered_on_threads(failed, "writes") > 0
 
 
 async def test_a_chain_change_waits_for_reads_on_reader_threads_and_holds_new_ones_back():

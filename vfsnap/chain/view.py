@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 import weakref
 from bisect import bisect_left, bisect_right
 
@@ -48,6 +49,14 @@ PARALLEL_READ_BYTES = 128 * 1024
 # What one resolved extent costs in memory, roughly (four list slots and their int objects).
 EXTENT_BYTES = 128
 
+# Held while the chunks of a view are replaced, added or dropped, and while the memory budget
+# counts them: writes answered on FUSE reader threads patch the chunks of their view there
+# (`View.write_now`), while the loop resolves, patches and evicts (vfsnap/share/io.py rule 1).
+# One lock for all views, since the budget evicts across views; reentrant, since it evicts
+# while a chunk is being added. Reads of chunks take no lock: a chunk is never changed once
+# in a view's map, only replaced.
+MAP_LOCK = threading.RLock()
+
 
 class MapBudget:
     """Bounds the resolved maps of every view of a mount, in bytes (counted per extent).
@@ -71,30 +80,38 @@ class MapBudget:
         return self.used * EXTENT_BYTES
 
     def charge(self, view: "View", extents: int) -> None:
-        self.used += extents
-        self._views.add(view)
-        tables = self._tables
-        if tables is None:
-            if self.used > self.capacity:
+        """Count `extents` more for `view` (under MAP_LOCK), and give back chunks if over budget:
+        on the loop only (a FUSE reader thread's write leaves that to the loop's next use, as
+        the table cache does for worker threads)."""
+        with MAP_LOCK:
+            self.used += extents
+            self._views.add(view)
+            if threading.current_thread() is not threading.main_thread():
+                return
+            tables = self._tables
+            if tables is None:
+                if self.used > self.capacity:
+                    self._keep = view
+                    while self.used > self.capacity and self.evict_one():
+                        pass
+            elif tables.total_bytes > tables.capacity:
                 self._keep = view
-                while self.used > self.capacity and self.evict_one():
-                    pass
-        elif tables.total_bytes > tables.capacity:
-            self._keep = view
-            tables._shrink(keep=0)
-        self._keep = None
+                tables._shrink(keep=0)
+            self._keep = None
 
     def release(self, extents: int) -> None:
-        self.used -= extents
+        with MAP_LOCK:
+            self.used -= extents
 
     def evict_one(self) -> bool:
         """Give back one chunk: the oldest of the least recently used view; the view being
         charged keeps its newest. False when nothing can be given."""
-        keep = self._keep
-        candidates = [v for v in self._views if v is not keep and v._extents_total()]
-        if candidates:
-            return min(candidates, key=lambda v: v.last_used)._drop_oldest()
-        return keep is not None and keep._drop_oldest(keep_newest=True)
+        with MAP_LOCK:
+            keep = self._keep
+            candidates = [v for v in self._views if v is not keep and v._extents_total()]
+            if candidates:
+                return min(candidates, key=lambda v: v.last_used)._drop_oldest()
+            return keep is not None and keep._drop_oldest(keep_newest=True)
 
 
 UNBOUNDED = MapBudget(1 << 62)
@@ -210,6 +227,8 @@ class View:
         self.split_top = split_top
         self._chunks: dict[int, Chunk] = {}
         self._extents = 0
+        # Moves (under MAP_LOCK) whenever chunks are patched or forgotten (`_chunk`).
+        self.map_epoch = 0
         self.last_used = 0  # View.clock when this view last resolved or read (MapBudget)
         # Called with (offset, length) after every write (a merge of the top image watches).
         self.observers: list = []
@@ -236,9 +255,11 @@ class View:
 
     def invalidate(self) -> None:
         """Forget what this view resolved itself (the top image's map or size changed)."""
-        self.budget.release(self._extents)
-        self._extents = 0
-        self._chunks.clear()
+        with MAP_LOCK:
+            self.budget.release(self._extents)
+            self._extents = 0
+            self._chunks = {}
+            self.map_epoch += 1
         self._size = self.images[-1].size
 
     def invalidate_all(self) -> None:
@@ -279,13 +300,14 @@ class View:
 
     def _drop_oldest(self, *, keep_newest: bool = False) -> bool:
         """Give back the oldest resolved chunk (MapBudget); False when there is none to give."""
-        if len(self._chunks) <= (1 if keep_newest else 0):
-            return bool(self._below is not None and self._below._drop_oldest())
-        index = next(iter(self._chunks))
-        extents = len(self._chunks.pop(index).starts)
-        self._extents -= extents
-        self.budget.release(extents)
-        return True
+        with MAP_LOCK:
+            if len(self._chunks) <= (1 if keep_newest else 0):
+                return bool(self._below is not None and self._below._drop_oldest())
+            index = next(iter(self._chunks))
+            extents = len(self._chunks.pop(index).starts)
+            self._extents -= extents
+            self.budget.release(extents)
+            return True
 
     # -- resolution -----------------------------------------------------------------------
 
@@ -293,13 +315,20 @@ class View:
         chunk = self._chunks.get(index)
         View.clock += 1
         self.last_used = View.clock
-        if chunk is None:
-            chunk = self._resolve(index)
-            if len(self._chunks) >= self.max_chunks:
-                self._drop_oldest()
-            self._chunks[index] = chunk
-            self._extents += len(chunk.starts)
-            self.budget.charge(self, len(chunk.starts))
+        while chunk is None:
+            # A write on a FUSE reader thread may change the top's tables while they are read
+            # here, and patch this view before the chunk is in it: a chunk resolved across
+            # such a patch (the epoch moved) may be stale, and is resolved again.
+            epoch = self.map_epoch
+            resolved = self._resolve(index)
+            with MAP_LOCK:
+                if self.map_epoch != epoch:
+                    continue
+                if len(self._chunks) >= self.max_chunks:
+                    self._drop_oldest()
+                self._chunks[index] = chunk = resolved
+                self._extents += len(chunk.starts)
+                self.budget.charge(self, len(chunk.starts))
         return chunk
 
     def _resolve(self, index: int) -> Chunk:
@@ -536,15 +565,9 @@ class View:
 
     def write(self, offset: int, data) -> int:
         """Write at `offset` into the top image; returns the bytes written (short at the end)."""
-        size = self.size
-        if offset >= size:
-            raise NoSpace(f"{self.name}: write at {offset} is past the end of the disk ({size})")
-        length = min(len(data), size - offset)
-        if length < len(data):
-            data = memoryview(data)[:length]
+        data = self._clip(offset, data)
+        length = len(data)
         top = self.top
-        if not top.writable:
-            raise ReadOnly(f"{self.name}: read-only view")
         if isinstance(top, RawImage):
             top.write(offset, data)
         else:
@@ -555,27 +578,46 @@ class View:
             else:
                 self._write_qcow2(top, offset, memoryview(data))
         if self.observers:
-            for observer in self.observers:
-                observer(offset, length)
+            self._tell_observers(offset, length)
         return length
 
     async def write_async(self, offset: int, data) -> int:
         """`write`, with the share's system calls on one of its threads. The caller holds the
         volume's write lock, which hands the top image's write state to that thread; this view's
         chunks change only here on the loop, after the data is on the share (io.py rule 5)."""
-        size = self.size
-        if offset >= size:
-            raise NoSpace(f"{self.name}: write at {offset} is past the end of the disk ({size})")
-        length = min(len(data), size - offset)
-        if length < len(data):
-            data = memoryview(data)[:length]
-        if not self.top.writable:
-            raise ReadOnly(f"{self.name}: read-only view")
+        data = self._clip(offset, data)
+        length = len(data)
         self.apply_patches(await self.io.run("write", self.write_on_worker, offset, data))
         if self.observers:
-            for observer in self.observers:
-                observer(offset, length)
+            self._tell_observers(offset, length)
         return length
+
+    def _clip(self, offset: int, data):
+        """`data` as far as it fits on the disk from `offset` (a write is short at the end); a
+        write past the end, or to a read-only view, fails."""
+        size = self._size
+        if offset >= size:
+            raise NoSpace(f"{self.name}: write at {offset} is past the end of the disk ({size})")
+        if not self.top.writable:
+            raise ReadOnly(f"{self.name}: read-only view")
+        return data if len(data) <= size - offset else memoryview(data)[: size - offset]
+
+    def write_now(self, offset: int, data, trio_token) -> int:
+        """`write` on a FUSE reader thread (vfsnap/fs/relay.py), which holds the volume's write
+        lock (io.py rule 4): the writer's part as on a worker, then the new extents patched into
+        the chunks here, after the data is on the share (rule 5), ordered with the loop's own
+        resolution by MAP_LOCK and the map's epoch (`_chunk`). A merge watching the view hears
+        of the write on the loop, before the write is answered."""
+        data = self._clip(offset, data)
+        length = len(data)
+        self.apply_patches(self.write_on_worker(offset, data))
+        if self.observers:
+            trio.from_thread.run_sync(self._tell_observers, offset, length, trio_token=trio_token)
+        return length
+
+    def _tell_observers(self, offset: int, length: int) -> None:
+        for observer in self.observers:
+            observer(offset, length)
 
     def write_on_worker(self, offset: int, data) -> list[tuple[int, int, int, int]]:
         """The body of `write` for a worker thread: touches the top image, never the chunks;
@@ -726,26 +768,30 @@ class View:
             write_zeros(stop_full << cb, end)
 
     def apply_patches(self, patches: list[tuple[int, int, int, int]]) -> None:
-        """On the loop: patch into the chunks what a worker wrote (`write_on_worker`)."""
+        """Patch into the chunks what a worker wrote (`write_on_worker`): on the loop, or on the
+        FUSE reader thread that wrote it (`write_now`)."""
         for start, end, fd, host in patches:
             self._patch(start, end, fd, host)
 
     def _patch(self, start: int, end: int, fd: int, host: int) -> None:
         bits = self._chunk_bits
         pos = start
-        while pos < end:
-            index = pos >> bits
-            piece_end = min(end, (index + 1) << bits)
-            chunk = self._chunks.get(index)
-            if chunk is not None:
-                # Patched as a copy that replaces it: a FUSE reader thread may be reading the
-                # chunk right now (`read_now`), and must see it before or after, never between.
-                chunk = chunk.copy()
-                grown = chunk.patch(pos, piece_end, fd, host + (pos - start) if fd >= 0 else host)
-                self._chunks[index] = chunk
-                self._extents += grown
-                self.budget.charge(self, grown)
-            pos = piece_end
+        with MAP_LOCK:
+            self.map_epoch += 1
+            while pos < end:
+                index = pos >> bits
+                piece_end = min(end, (index + 1) << bits)
+                chunk = self._chunks.get(index)
+                if chunk is not None:
+                    # Patched as a copy that replaces it: a FUSE reader thread may be reading
+                    # the chunk right now (`read_now`), and must see it before or after, never
+                    # between.
+                    chunk = chunk.copy()
+                    grown = chunk.patch(pos, piece_end, fd, host + (pos - start) if fd >= 0 else host)
+                    self._chunks[index] = chunk
+                    self._extents += grown
+                    self.budget.charge(self, grown)
+                pos = piece_end
 
     def flush(self) -> None:
         """Make every write durable (the top image is the only one written)."""

@@ -193,7 +193,7 @@ def _start_relay(operations: VfsnapOperations, options: MountOptions) -> KernelR
         except trio.RunFinishedError:
             pass
 
-    relay = KernelRelay(operations.read_now, threads=threads, on_unmounted=unmounted)
+    relay = KernelRelay(operations.read_now, operations.write_now, threads=threads, on_unmounted=unmounted)
     return relay if relay.start() else None
 
 

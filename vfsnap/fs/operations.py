@@ -425,6 +425,18 @@ class VfsnapOperations(pyfuse3.Operations):
             return None
         return handle.volume.read_now(handle.view, off, size, self.trio_token)
 
+    def write_now(self, fh, off, buf):
+        """A write on a FUSE reader thread (vfsnap/fs/relay.py): the bytes written, or None for
+        `write` on the loop to answer it. Its errors are answered from here (FUSEError): the
+        write may have been partly done, so it is not handed on."""
+        handle = self._handles.get(fh)
+        if handle is None or handle.volume is None or not handle.writable or handle.sync:
+            return None
+        try:
+            return handle.volume.write_now(handle.view, off, buf, self.trio_token)
+        except Exception as exc:  # noqa: BLE001 - error boundary
+            raise fuse_error(exc, f"write {handle.node} at {off}+{len(buf)}") from None
+
     async def write(self, fh, off, buf):
         # Hot path: no decorator frame; the same error boundary inline.
         try:

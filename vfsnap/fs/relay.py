@@ -10,12 +10,16 @@ hands each request to one reader):
 - A READ of an open volume or snapshot file whose map is already resolved is answered by the
   thread that read it (`fast_read`: the view's resolved extents and a pread, see
   `Volume.read_now`), without the loop.
-- Everything else (lookups, opens, writes, reads needing a table, INIT itself) goes unchanged
+- So is a WRITE of a volume on a network share (`fast_write`: the volume's write lock, the
+  qcow2 writer as on a worker thread, the new extents patched into the view; see
+  `Volume.write_now`).
+- Everything else (lookups, opens, flushes, reads needing a table, writes while a chain change
+  or a flush waits, INIT itself) goes unchanged
   to libfuse, which reads it from a socket put where it expected its /dev/fuse descriptor
   (a SOCK_SEQPACKET pair: one message per request, as the device gives them). Its replies and
   notifications come back on the same socket and are written to the device by `reply` threads.
 
-Nothing about the protocol is decided here but the reply to a READ: libfuse still negotiates
+Nothing about the protocol is decided here but the replies to READ and WRITE: libfuse still negotiates
 INIT and answers everything it did before. Without the privilege to size the socket for 1 MiB
 requests (SO_SNDBUFFORCE: root), with `fuse_threads=0`, or by default on a mount of local
 directories only (vfsnap/cli/mount.py says why), pyfuse3 reads the device alone.
@@ -33,10 +37,12 @@ import threading
 
 log = logging.getLogger(__name__)
 
-OPEN, READ = 14, 15
+OPEN, READ, WRITE = 14, 15, 16
 IN_HEADER = struct.Struct("<IIQQIIIHH")  # len opcode unique nodeid uid gid pid total_extlen padding
 OUT_HEADER = struct.Struct("<IiQ")  # len error unique
 READ_IN = struct.Struct("<QQI")  # fh offset size (then read_flags lock_owner flags padding)
+WRITE_IN = struct.Struct("<QQIIQII")  # fh offset size write_flags lock_owner flags padding; data
+WRITE_OUT = struct.Struct("<II")  # size padding
 OPEN_OUT = struct.Struct("<QI")  # fh open_flags (then padding)
 FOPEN_DIRECT_IO = 1 << 0
 FOPEN_PARALLEL_DIRECT_WRITES = 1 << 6  # kernel 6.2 on; libfuse 3.15 on (Debian 12 has 3.14)
@@ -67,10 +73,13 @@ def fuse_device_fd() -> int:
 
 class KernelRelay:
     """Threads between the kernel and libfuse; `fast_read(fh, offset, size)` answers a READ
-    (bytes-like) or declines it (None: it goes to libfuse like any other request)."""
+    (bytes-like) or declines it (None: it goes to libfuse like any other request);
+    `fast_write(fh, offset, data)` answers a WRITE (the bytes written), declines it (None), or
+    fails it (an exception: its `errno`, else EIO)."""
 
-    def __init__(self, fast_read, *, threads: int = 16, on_unmounted=None):
+    def __init__(self, fast_read, fast_write=None, *, threads: int = 16, on_unmounted=None):
         self.fast_read = fast_read
+        self.fast_write = fast_write
         self.threads = threads
         self.on_unmounted = on_unmounted  # called once, from a thread, when the device says ENODEV
         self.device = -1
@@ -82,6 +91,7 @@ class KernelRelay:
         self._ended = False
         self._opens: set[int] = set()  # OPEN requests passed to libfuse, not answered yet
         self.fast_reads = 0  # answered here (logged at the end, for tests and operators)
+        self.fast_writes = 0
 
     def start(self) -> bool:
         """Put the relay between the kernel and libfuse (before pyfuse3.main reads anything).
@@ -127,7 +137,7 @@ class KernelRelay:
             self._serving = False
             while self._fast_in_flight:
                 self._idle.wait()
-        log.info("%d reads were answered on FUSE reader threads", self.fast_reads)
+        log.info("%d reads and %d writes were answered on FUSE reader threads", self.fast_reads, self.fast_writes)
 
     # -- the threads ------------------------------------------------------------------------
 
@@ -146,8 +156,12 @@ class KernelRelay:
                     return
                 raise
             _, opcode, unique, *_ = IN_HEADER.unpack_from(request)
-            if opcode == READ and self._answer_read(view, unique):
-                continue
+            if opcode == READ or opcode == WRITE and self.fast_write is not None:
+                try:
+                    if self._answer(opcode, view, unique):
+                        continue
+                except Exception:  # noqa: BLE001 - a bug here must not lose the request
+                    log.exception("answering request %d on a reader thread; libfuse answers it", unique)
             if opcode == OPEN:
                 with self._lock:
                     self._opens.add(unique)  # its reply gets parallel direct writes
@@ -156,9 +170,10 @@ class KernelRelay:
             except OSError:  # libfuse is gone (the loop ended): nobody will answer
                 return
 
-    def _answer_read(self, request: memoryview, unique: int) -> bool:
+    def _answer(self, opcode: int, request: memoryview, unique: int) -> bool:
+        """Answer a READ or WRITE here; False to pass it on to libfuse."""
         with self._lock:
-            # Two readers always stay free to pass requests on: reads of hung shares could
+            # Two readers always stay free to pass requests on: requests for hung shares could
             # otherwise hold every reader, and nothing else would be read (each share's own
             # bound is ShareIO.run_here's).
             if not self._serving or self._fast_in_flight >= self.threads - 2:
@@ -166,28 +181,53 @@ class KernelRelay:
             self._fast_in_flight += 1
         answered = False
         try:
-            fh, offset, size = READ_IN.unpack_from(request, IN_HEADER.size)
-            try:
-                data = self.fast_read(fh, offset, size)
-            except Exception as exc:  # noqa: BLE001 - libfuse's handler answers it, errors included
-                log.debug("read of fh %d at %d left to the loop: %r", fh, offset, exc)
-                data = None
-            if data is None:
+            reply = self._read(request) if opcode == READ else self._write(request)
+            if reply is None:
                 return False
+            error, body = reply
+            length = OUT_HEADER.size + len(body)
             try:
-                os.writev(self.device, [OUT_HEADER.pack(OUT_HEADER.size + len(data), 0, unique), data])
+                os.writev(self.device, [OUT_HEADER.pack(length, error, unique), body])
             except OSError as exc:
                 if exc.errno not in (errno.ENOENT, errno.ENODEV):  # interrupted, or unmounted
-                    log.error("reply to a read at %d: %s; libfuse answers it", offset, exc)
+                    # (A write done twice writes the same bytes to the same place.)
+                    log.error("reply to a request: %s; libfuse answers it", exc)
                     return False
             answered = True
             return True
         finally:
             with self._lock:
                 self._fast_in_flight -= 1
-                self.fast_reads += answered
+                if answered:
+                    if opcode == READ:
+                        self.fast_reads += 1
+                    else:
+                        self.fast_writes += 1
                 if not self._serving and not self._fast_in_flight:
                     self._idle.notify_all()
+
+    def _read(self, request: memoryview) -> tuple[int, bytes] | None:
+        fh, offset, size = READ_IN.unpack_from(request, IN_HEADER.size)
+        try:
+            data = self.fast_read(fh, offset, size)
+        except Exception as exc:  # noqa: BLE001 - libfuse's handler answers it, errors included
+            log.debug("read of fh %d at %d left to the loop: %r", fh, offset, exc)
+            return None
+        return None if data is None else (0, data)
+
+    def _write(self, request: memoryview) -> tuple[int, bytes] | None:
+        fh, offset, size, *_ = WRITE_IN.unpack_from(request, IN_HEADER.size)
+        start = IN_HEADER.size + WRITE_IN.size
+        try:
+            written = self.fast_write(fh, offset, request[start : start + size])
+        except Exception as exc:  # noqa: BLE001 - the error boundary's errno (FUSEError), or EIO
+            # Not passed on: the write may be partly done.
+            code = getattr(exc, "errno", None)
+            if not isinstance(code, int) or code <= 0:
+                log.exception("write of fh %d at %d", fh, offset)
+                code = errno.EIO
+            return -code, b""
+        return None if written is None else (0, WRITE_OUT.pack(written, 0))
 
     def _relay_replies(self) -> None:
         reply = bytearray(MAX_REQUEST)

@@ -3,13 +3,17 @@
 Rules (docs/design-notes.md, "Requests in flight"):
 
 1. The trio thread owns every in-memory structure (views and their chunks, tables, refcounts,
-   dirty sets). The FUSE reader threads (vfsnap/fs/relay.py) only read resolved chunks, which
-   the loop replaces instead of changing them (`View.read_now`, `View._patch`), inside the
-   volume's request gate (`RequestGate.enter_now`). A worker thread runs only blocking system
-   calls on a share descriptor, or a piece of the qcow2 writer while the volume's write lock hands the image's write state to it
-   (`View.write_async`; a clone's copy step), or a merge's copy step, whose target's write state
-   is the merge's alone (`Merge.copy_step`): never code that touches a view's chunks. Tables
-   they load are cached only if the image's tables did not change meanwhile (its epoch).
+   dirty sets), with two exceptions. The FUSE reader threads (vfsnap/fs/relay.py) read
+   resolved chunks, which are replaced, never changed (`View.read_now`, `View._patch`); and a
+   reader thread answering a write holds the volume's write lock like a worker (rule 4) and
+   patches its new extents into the chunks itself, under `MAP_LOCK` (vfsnap/chain/view.py),
+   which also orders it with the loop's resolution of the same chunk (the map's epoch). Both
+   run inside the volume's request gate (`RequestGate.enter_now`). A worker thread runs only
+   blocking system calls on a share descriptor, or a piece of the qcow2 writer while the
+   volume's write lock hands the image's write state to it (`View.write_async`; a clone's
+   copy step), or a merge's copy step, whose target's write state is the merge's alone
+   (`Merge.copy_step`): never code that touches a view's chunks. Tables they load are cached
+   only if the image's tables did not change meanwhile (its epoch).
 2. Each share has its own bounded pool of worker threads (`share_threads`): a share that
    hangs ties up its own threads, never another share's.
 3. A share is *not answering* while one of its calls has been outstanding for longer than
@@ -224,16 +228,84 @@ class ShareIO:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
 
+def _on_loop(fn, trio_token) -> None:
+    """`fn()` on the loop: here when called there (`trio_token` None), else soon, through the
+    loop's token (from a FUSE reader thread); not at all once the loop has ended."""
+    if trio_token is None:
+        fn()
+        return
+    try:
+        trio_token.run_sync_soon(fn)
+    except trio.RunFinishedError:
+        pass
+
+
+class WriteLock:
+    """The volume's write lock (RequestGate rule 4), taken by tasks on the loop (`async with`)
+    and by FUSE reader threads answering writes themselves (`acquire_now`).
+
+    A thread blocks for it; a task never blocks the loop: it waits for a release, which a
+    thread hands to the loop through the trio token. New thread writers stand back while a
+    task waits (a flush, a chain change), so that a stream of writes cannot starve it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tasks_waiting = 0  # changed on the loop only; read by threads
+        self._released = trio.Event()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    async def acquire(self) -> None:
+        while not self._lock.acquire(blocking=False):
+            released = self._released
+            self._tasks_waiting += 1
+            try:
+                # Once more after counting ourselves: a thread that released before it could
+                # see the count did not wake us, but left the lock free.
+                if self._lock.acquire(blocking=False):
+                    return
+                await released.wait()
+            finally:
+                self._tasks_waiting -= 1
+
+    def acquire_now(self) -> bool:
+        """On a FUSE reader thread: wait for the lock, or False at once while a task waits."""
+        if self._tasks_waiting:
+            return False
+        self._lock.acquire()
+        return True
+
+    def release(self, trio_token=None) -> None:
+        """From the loop, or from a thread with the loop's `trio_token`."""
+        self._lock.release()
+        if self._tasks_waiting:
+            _on_loop(self._wake, trio_token)
+
+    def _wake(self) -> None:
+        self._released.set()
+        self._released = trio.Event()
+
+    async def __aenter__(self):
+        await self.acquire()
+        return self
+
+    async def __aexit__(self, *exc_info):
+        self.release()
+
+
 class RequestGate:
     """The requests of one volume in flight, and the moments none may be (rules 4-6).
 
     4. `write_lock`: the image's write state (refcounts, dirty L2/L1 tables, the clusters known
        writable in place) belongs to whoever holds it: one write or one flush of the volume at
-       a time, on the loop or handed to a worker thread with it. Writes of one volume are thus
+       a time, on the loop, handed to a worker thread with it, or on the FUSE reader thread
+       that read the write (`WriteLock.acquire_now`). Writes of one volume are thus
        serialized (two writers never allocate the same cluster; a flush never sees half of a
        write), and a flush waits for the writes before it: data -> refcounts -> L2 -> L1 holds.
     5. A write changes what readers see only when its data is on the share: the new mapping is
-       patched into the view on the loop after the worker returned (QEMU's in-flight
+       patched into the view after the data is written (on the loop after the worker
+       returned, or on the reader thread before it answers) (QEMU's in-flight
        allocation rule, made simpler by the lock: a read in flight sees the old data or the new).
        Clusters a write freed are handed back to the refcounts only after every read begun
        before has finished (`drain(reads_only=True)`): no read can see a reused cluster.
@@ -243,8 +315,8 @@ class RequestGate:
     """
 
     def __init__(self) -> None:
-        self.write_lock = trio.Lock()
-        # Reads answered on the FUSE reader threads (vfsnap/fs/relay.py) enter and leave from
+        self.write_lock = WriteLock()
+        # Reads and writes answered on the FUSE reader threads (vfsnap/fs/relay.py) enter and leave from
         # those threads: the numbers, the requests in flight, `_closed` and `_waiters` change
         # under this lock, and a drain counts itself waiting in the same step that found a
         # request in flight, so that a thread leaving right after wakes it.
@@ -280,24 +352,17 @@ class RequestGate:
         with self._mutex:
             del self._active[seq]
             wake = self._waiters > 0
-        if not wake:
-            return
-        if trio_token is None:
-            self._notify()
-            return
-        try:
-            trio_token.run_sync_soon(self._notify)
-        except trio.RunFinishedError:
-            pass
+        if wake:
+            _on_loop(self._notify, trio_token)
 
-    def enter_now(self) -> int | None:
-        """A read entering from a FUSE reader thread: its number, or None while a chain change
-        holds requests back (the read then goes the loop's way and waits there)."""
+    def enter_now(self, *, read: bool = True) -> int | None:
+        """A request entering from a FUSE reader thread: its number, or None while a chain
+        change holds requests back (the request then goes the loop's way and waits there)."""
         with self._mutex:
             if self._closed:
                 return None
             self._seq += 1
-            self._active[self._seq] = True
+            self._active[self._seq] = read
             return self._seq
 
     def _notify(self) -> None:

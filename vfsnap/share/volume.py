@@ -519,6 +519,31 @@ class Volume:
         finally:
             gate.leave(seq, trio_token)
 
+    def write_now(self, view: View, offset: int, data, trio_token) -> int | None:
+        """A write on a FUSE reader thread (vfsnap/fs/relay.py), or None to let the loop answer
+        it: on a network share only (a local one writes on the loop, without the lock), counted
+        in flight like `write`, with the write lock (io.py rule 4), bounded per share like the
+        reads (`ShareIO.run_here`)."""
+        if not self.share.io.threaded:
+            return None
+        gate = self.gate
+        seq = gate.enter_now(read=False)
+        if seq is None:
+            return None
+        try:
+            return self.share.io.run_here("write", self._write_locked_now, view, offset, data, trio_token)
+        finally:
+            gate.leave(seq, trio_token)
+
+    def _write_locked_now(self, view: View, offset: int, data, trio_token) -> int | None:
+        lock = self.gate.write_lock
+        if not lock.acquire_now():
+            return None
+        try:
+            return view.write_now(offset, data, trio_token)
+        finally:
+            lock.release(trio_token)
+
     async def write(self, view: View, offset: int, data) -> int:
         """Write `data` at `offset` of the live `view`. On a network share one write of the
         volume at a time, its system calls on a worker thread (io.py rules 4 and 5); on a local
