@@ -133,6 +133,21 @@ async def apply_acked_threaded(pool: Pool, writes: list[Write], shared) -> None:
         _set(shared, ACKED, i + 1)
 
 
+async def apply_acked_on_reader_threads(pool: Pool, writes: list[Write], shared) -> None:
+    """The same the way the FUSE reader threads write a network share's volume
+    (vfsnap/fs/relay.py): each write on a thread of its own (`Volume.write_now`: the request
+    gate, the write lock taken from the thread, the view patched there), each fsync as above."""
+    vol = pool.volume(VOLUME)
+    vol.share.io.threaded = True
+    view = vol.live_view()
+    token = trio.lowlevel.current_trio_token()
+    for i, write in enumerate(writes):
+        written = await trio.to_thread.run_sync(vol.write_now, view, write.offset, write.data, token)
+        assert written == len(write.data)
+        await vol.flush_async()
+        _set(shared, ACKED, i + 1)
+
+
 def assert_writes(data: bytes, writes: list[Write], acked: int, before: bytes) -> None:
     """Acked writes are there; nothing else changed except where later writes landed."""
     touched = bytearray(len(data))

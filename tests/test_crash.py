@@ -16,6 +16,7 @@ from tests.crash import (
     Scenario,
     apply_acked,
     apply_acked_async,
+    apply_acked_on_reader_threads,
     apply_acked_threaded,
     assert_writes,
     build_chain,
@@ -74,6 +75,18 @@ class ThreadedWrites(Writes):
 
     def operate(self, pool, shared):
         trio.run(apply_acked_threaded, pool, self.writes, shared)
+
+
+class ReaderThreadWrites(Writes):
+    """Guest writes as the FUSE reader threads make them on a network share (issue 12): the
+    write lock taken from the thread, the writer and the view's patch there."""
+
+    def __init__(self, cluster_size: int):
+        super().__init__(cluster_size)
+        self.name = f"reader-thread-writes-{cluster_size}"
+
+    def operate(self, pool, shared):
+        trio.run(apply_acked_on_reader_threads, pool, self.writes, shared)
 
 
 class TakeSnapshot(Scenario):
@@ -291,6 +304,7 @@ SCENARIOS = [
     Writes(65536, extend=True),
     Writes(512, extend=True),
     ThreadedWrites(512),
+    ReaderThreadWrites(512),
     TakeSnapshot(),
     *(DeleteSnapshot(position, size) for position in ("oldest", "middle", "newest") for size in (4096, 512)),
     Rename(2),
@@ -316,6 +330,8 @@ MIN_CRASH_POINTS = {
     "clone-snapshot": 27, "clone-live": 75, "revert-s3": 38, "revert-s1": 43,
     # writes on the share's worker threads (issue 12): swept 207 points when written
     "threaded-writes-512": 175,
+    # writes on the FUSE reader threads (issue 12)
+    "reader-thread-writes-512": 175,
 }
 
 
