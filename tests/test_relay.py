@@ -24,7 +24,7 @@ import pytest
 
 from tests.conftest import requires_fuse
 from tests.qemu import flat_bytes, make_chain, qemu_img, qemu_io
-from tests.test_faults import ERRNOS, count_write, middle, write_case
+from tests.test_faults import ERRNOS, count_write, middle, sweep, write_case
 from tests.test_faults import OPTIONS as FAULT_OPTIONS
 from tests.test_faults import mounts, template  # noqa: F401 (fixtures)
 
@@ -388,6 +388,14 @@ def test_a_write_failing_on_a_reader_thread_reports_the_error_and_can_be_retried
     total = count_write(mounts, template, tmp_path, options=options)
     failed = write_case(mounts, template, tmp_path, middle(total), err, options=options)
     assert _answered_on_threads(failed, "writes") > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("err", list(ERRNOS))
+def test_a_write_failing_on_a_reader_thread_at_every_operation(mounts, template, tmp_path, err):  # noqa: F811
+    options = f"{FAULT_OPTIONS},share_io=threads"
+    total = count_write(mounts, template, tmp_path, options=options)
+    sweep(lambda n: write_case(mounts, template, tmp_path, n, err, options=options), total)
 
 
 async def test_a_chain_change_waits_for_reads_on_reader_threads_and_holds_new_ones_back():
