@@ -1,11 +1,11 @@
 """A share that hangs stalls only its own volumes (issue 12; DESIGN.md section 4).
 
 Two real GlusterFS volumes are the two shares of one mount (a Cinder shares file). The brick
-process of share A is stopped with SIGSTOP, as a hung NAS under a hard mount, while a read of a
-volume on A is in flight. Meanwhile a volume on share B keeps serving reads, writes and fsyncs,
+process of share A is stopped with SIGSTOP, as a hung NAS under a hard mount, while a read and
+four writes of a volume on A are in flight. Meanwhile a volume on share B keeps serving reads, writes and fsyncs,
 and `ls MNT/volumes`, `stat`, `df` and `vfsnap status` answer, the last saying that share A is
 not answering; taking or deleting a snapshot of the volume on A, truncating or renaming it fail at
-once with EAGAIN. After SIGCONT the waiting read completes with the right bytes, and the volume on A
+once with EAGAIN. After SIGCONT the waiting read completes with the right bytes, the writes land, and the volume on A
 can be snapshotted again. Stopped a second time, with nothing of A in flight (so that the mount
 has not noticed yet): closing a file of the volume on A returns, a snapshot of it fails with
 EAGAIN after asking A (0.5 s at most), and B still answers.
@@ -117,6 +117,29 @@ def write_direct_and_fsync(path: Path, offset: int, data: bytes) -> None:
         os.close(fd)
 
 
+# Opens the volume, says "open", waits for "go", writes each (offset, data) from a thread of
+# its own with O_DIRECT, fsyncs, and exits 0 if every write was whole.
+HUNG_WRITER = """
+import ast, mmap, os, sys, threading
+path, writes = sys.argv[1], ast.literal_eval(sys.argv[2])
+fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+print("open", flush=True)
+sys.stdin.readline()
+done = []
+def write(offset, data):
+    buf = mmap.mmap(-1, len(data))
+    buf[:] = data
+    done.append(os.pwritev(fd, [buf], offset) == len(data))
+threads = [threading.Thread(target=write, args=w) for w in writes]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+os.fsync(fd)
+sys.exit(0 if done == [True] * len(writes) else 1)
+"""
+
+
 def status_of(mountpoint: Path) -> dict:
     result = subprocess.run([sys.executable, "-m", "vfsnap", "status", "--json", str(mountpoint)],
                             capture_output=True, text=True, cwd=ROOT, timeout=60, check=True)
@@ -135,8 +158,10 @@ def test_a_hung_share_stalls_only_its_own_volumes(gluster_volume, second_gluster
     mount_client(share_b, client_b)
     try:
         names_a = make_chain(client_a, "va", size=8 * MiB, depth=2, base_fmt="qcow2", writes=_fill)
+        names_c = make_chain(client_a, "vc", size=8 * MiB, depth=1, base_fmt="qcow2", writes=_fill)
         make_chain(client_b, "vb", size=8 * MiB, depth=1, base_fmt="qcow2", writes=_fill)
         expected_a = flat_bytes(client_a / names_a[-1], tmp_path)
+        expected_c = bytearray(flat_bytes(client_a / names_c[-1], tmp_path))
     finally:
         for client in (client_a, client_b):
             subprocess.run(["umount", str(client)], capture_output=True, check=False)
@@ -146,7 +171,7 @@ def test_a_hung_share_stalls_only_its_own_volumes(gluster_volume, second_gluster
     mnt = vfsnap_mount(f"share_type=glusterfs,shares_config={shares},mount_base={host_bases[0]}",
                        path=tmp_path / "mnt", spec="glusterfs-shares")
     # What the mount knows of share A before it hangs: the last known state it answers from.
-    assert sorted(os.listdir(mnt.path / "volumes")) == ["va", "vb"]
+    assert sorted(os.listdir(mnt.path / "volumes")) == ["va", "vb", "vc"]
     assert os.stat(mnt.volume("va")).st_size == 8 * MiB
     os.statvfs(mnt.path)
     assert {s["answering"] for s in status_of(mnt.path)["shares"]} == {True}
@@ -157,12 +182,26 @@ def test_a_hung_share_stalls_only_its_own_volumes(gluster_volume, second_gluster
     # Open before the hang, as a hypervisor holds its disk open (opening a volume of a share
     # that does not answer fails with EAGAIN: docs/operations.md).
     fd_a = os.open(mnt.volume("va"), os.O_RDONLY | os.O_DIRECT)
+    # Writes of vc, on share A too, in flight from four writers (on FUSE reader threads: one
+    # waits for the share holding vc's write lock, the others for the lock; they must stall
+    # nothing else). Of vc, not va: the kernel holds a file's inode lock over its writes, so
+    # truncating or renaming va below would wait in the kernel, before vfsnap could refuse it.
+    # In a process of their own: while its O_DIRECT writes wait, a process cannot fork (seen
+    # here: the test's own `vfsnap status` subprocess waited for them), which is the writing
+    # program's business, not the mount's.
+    hung_writes = [(6 * MiB + i * 64 * KiB + 4 * KiB, bytes([0xa0 + i]) * (4 * KiB)) for i in range(4)]
+    writer = subprocess.Popen([sys.executable, "-c", HUNG_WRITER, str(mnt.volume("vc")), repr(hung_writes)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline() == "open\n"
     pid = brick_pid(share_a.name)
     os.kill(pid, signal.SIGSTOP)
     try:
         hung_read = Call(lambda: pread_direct(fd_a, hung_offset, 64 * KiB))
-        time.sleep(0.2)  # let it reach the share (no assertion hangs on this)
+        writer.stdin.write("go\n")
+        writer.stdin.flush()
+        time.sleep(0.2)  # let them reach the share (no assertion hangs on this)
         assert not hung_read.done, "the read of the hung share returned: the brick was not stopped"
+        assert writer.poll() is None, "the writes of the hung share returned"
 
         # Volume vb on share B: reads, a write and its fsync, at normal speed.
         expected_b_block = within("read vb", lambda: read_direct(mnt.volume("vb"), 0, 4 * KiB))
@@ -172,7 +211,7 @@ def test_a_hung_share_stalls_only_its_own_volumes(gluster_volume, second_gluster
         assert within("read back vb", lambda: read_direct(mnt.volume("vb"), 3 * MiB + 4 * KiB, 4 * KiB)) == payload
 
         # Listing, stat and df answer, the hung share's part from its last known state.
-        assert sorted(within("ls volumes", lambda: os.listdir(mnt.path / "volumes"))) == ["va", "vb"]
+        assert sorted(within("ls volumes", lambda: os.listdir(mnt.path / "volumes"))) == ["va", "vb", "vc"]
         assert within("stat va", lambda: os.stat(mnt.volume("va"))).st_size == 8 * MiB
         assert within("stat vb", lambda: os.stat(mnt.volume("vb"))).st_size == 8 * MiB
         assert within("df", lambda: os.statvfs(mnt.path)).f_blocks > 0
@@ -186,7 +225,7 @@ def test_a_hung_share_stalls_only_its_own_volumes(gluster_volume, second_gluster
                 break
             assert time.monotonic() < deadline, f"status never said share A hangs: {status['shares']}"
             time.sleep(0.1)
-        assert sorted(v["name"] for v in status["volumes"]) == ["va", "vb"]
+        assert sorted(v["name"] for v in status["volumes"]) == ["va", "vb", "vc"]
 
         # Changes of va's chain and size would make their calls on the share from the request
         # loop: they fail with EAGAIN at once instead of stalling the mount; vb still answers.
@@ -199,12 +238,17 @@ def test_a_hung_share_stalls_only_its_own_volumes(gluster_volume, second_gluster
             assert failed.value.errno == errno.EAGAIN, f"{what}: {failed.value}"
         assert within("read vb after", lambda: read_direct(mnt.volume("vb"), 0, 4 * KiB)) == expected_b_block
         assert not hung_read.done, "the read of the hung share finished before SIGCONT"
+        assert writer.poll() is None, "a write of the hung share finished before SIGCONT"
     finally:
         os.kill(pid, signal.SIGCONT)
     print("while share A hung: " + ", ".join(f"{what} {seconds:.3f} s" for what, seconds in TIMES))
 
-    # Share A is back: the waiting read completes with the right bytes, and A answers again.
+    # Share A is back: the waiting read and writes complete, and A answers again.
     assert hung_read.wait(120, "the read of share A after SIGCONT") == expected_a[hung_offset : hung_offset + 64 * KiB]
+    assert writer.wait(120) == 0, "the writes of share A failed after SIGCONT"
+    for offset, data in hung_writes:
+        expected_c[offset : offset + len(data)] = data
+    assert read_direct(mnt.volume("vc"), 0, 8 * MiB) == expected_c
     os.close(fd_a)
     deadline = time.monotonic() + 30
     while not all(s["answering"] for s in status_of(mnt.path)["shares"]):
@@ -215,7 +259,7 @@ def test_a_hung_share_stalls_only_its_own_volumes(gluster_volume, second_gluster
     # Nothing of the refused changes happened; the same changes work now.
     assert "while-hung" not in os.listdir(mnt.path / "snapshots" / "va")
     assert "before-hang" in os.listdir(mnt.path / "snapshots" / "va")
-    assert sorted(os.listdir(mnt.path / "volumes")) == ["va", "vb"]
+    assert sorted(os.listdir(mnt.path / "volumes")) == ["va", "vb", "vc"]
     assert os.stat(mnt.volume("va")).st_size == 8 * MiB
     os.mkdir(mnt.path / "snapshots" / "va" / "after-hang")
     assert read_direct(mnt.path / "snapshots" / "va" / "after-hang" / "va", 0, 8 * MiB) == expected_a
