@@ -227,8 +227,10 @@ class View:
         self.split_top = split_top
         self._chunks: dict[int, Chunk] = {}
         self._extents = 0
-        # Moves (under MAP_LOCK) whenever chunks are patched or forgotten (`_chunk`).
-        self.map_epoch = 0
+        # The chunk the loop is resolving, and whether a patch of its range came meanwhile
+        # (under MAP_LOCK; see `_chunk`).
+        self._resolving: int | None = None
+        self._resolving_patched = False
         self.last_used = 0  # View.clock when this view last resolved or read (MapBudget)
         # Called with (offset, length) after every write (a merge of the top image watches).
         self.observers: list = []
@@ -259,7 +261,6 @@ class View:
             self.budget.release(self._extents)
             self._extents = 0
             self._chunks = {}
-            self.map_epoch += 1
         self._size = self.images[-1].size
 
     def invalidate_all(self) -> None:
@@ -318,11 +319,18 @@ class View:
         while chunk is None:
             # A write on a FUSE reader thread may change the top's tables while they are read
             # here, and patch this view before the chunk is in it: a chunk resolved across
-            # such a patch (the epoch moved) may be stale, and is resolved again.
-            epoch = self.map_epoch
-            resolved = self._resolve(index)
+            # such a patch of its own range (`_patch` marks it) may be stale, and is resolved
+            # again. (Patches elsewhere do not count: under a stream of writes, a resolution
+            # would otherwise hardly ever finish.)
             with MAP_LOCK:
-                if self.map_epoch != epoch:
+                self._resolving, self._resolving_patched = index, False
+            try:
+                resolved = self._resolve(index)
+            finally:
+                with MAP_LOCK:
+                    self._resolving = None
+            with MAP_LOCK:
+                if self._resolving_patched:
                     continue
                 if len(self._chunks) >= self.max_chunks:
                     self._drop_oldest()
@@ -606,7 +614,7 @@ class View:
         """`write` on a FUSE reader thread (vfsnap/fs/relay.py), which holds the volume's write
         lock (io.py rule 4): the writer's part as on a worker, then the new extents patched into
         the chunks here, after the data is on the share (rule 5), ordered with the loop's own
-        resolution by MAP_LOCK and the map's epoch (`_chunk`). A merge watching the view hears
+        resolution of the same chunk by MAP_LOCK (`_chunk`). A merge watching the view hears
         of the write on the loop, before the write is answered."""
         data = self._clip(offset, data)
         length = len(data)
@@ -777,12 +785,14 @@ class View:
         bits = self._chunk_bits
         pos = start
         with MAP_LOCK:
-            self.map_epoch += 1
             while pos < end:
                 index = pos >> bits
                 piece_end = min(end, (index + 1) << bits)
                 chunk = self._chunks.get(index)
-                if chunk is not None:
+                if chunk is None:
+                    if index == self._resolving:
+                        self._resolving_patched = True
+                else:
                     # Patched as a copy that replaces it: a FUSE reader thread may be reading
                     # the chunk right now (`read_now`), and must see it before or after, never
                     # between.

@@ -7,7 +7,7 @@ Rules (docs/design-notes.md, "Requests in flight"):
    resolved chunks, which are replaced, never changed (`View.read_now`, `View._patch`); and a
    reader thread answering a write holds the volume's write lock like a worker (rule 4) and
    patches its new extents into the chunks itself, under `MAP_LOCK` (vfsnap/chain/view.py),
-   which also orders it with the loop's resolution of the same chunk (the map's epoch). Both
+   which also orders it with the loop's resolution of the same chunk (`View._chunk`). Both
    run inside the volume's request gate (`RequestGate.enter_now`). A worker thread runs only
    blocking system calls on a share descriptor, or a piece of the qcow2 writer while the
    volume's write lock hands the image's write state to it (`View.write_async`; a clone's
