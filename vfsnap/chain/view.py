@@ -227,8 +227,8 @@ class View:
         self.split_top = split_top
         self._chunks: dict[int, Chunk] = {}
         self._extents = 0
-        # The chunk the loop is resolving, and whether a patch of its range came meanwhile
-        # (under MAP_LOCK; see `_chunk`).
+        # The chunk the loop last began to resolve, and whether a patch of its range came
+        # since (under MAP_LOCK; see `_chunk`: only read at the end of that resolution).
         self._resolving: int | None = None
         self._resolving_patched = False
         self.last_used = 0  # View.clock when this view last resolved or read (MapBudget)
@@ -324,11 +324,7 @@ class View:
             # would otherwise hardly ever finish.)
             with MAP_LOCK:
                 self._resolving, self._resolving_patched = index, False
-            try:
-                resolved = self._resolve(index)
-            finally:
-                with MAP_LOCK:
-                    self._resolving = None
+            resolved = self._resolve(index)
             with MAP_LOCK:
                 if self._resolving_patched:
                     continue

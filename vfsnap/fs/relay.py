@@ -198,11 +198,8 @@ class KernelRelay:
         finally:
             with self._lock:
                 self._fast_in_flight -= 1
-                if answered:
-                    if opcode == READ:
-                        self.fast_reads += 1
-                    else:
-                        self.fast_writes += 1
+                self.fast_reads += answered and opcode == READ
+                self.fast_writes += answered and opcode == WRITE
                 if not self._serving and not self._fast_in_flight:
                     self._idle.notify_all()
 
